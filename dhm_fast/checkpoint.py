@@ -1,0 +1,110 @@
+"""Checkpoints that survive crashes and refuse to run code.
+
+Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over the
+target (atomic on POSIX), so a crash mid-write leaves the previous checkpoint intact. Loading always
+uses `weights_only=True`: a pickle that would execute code is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dhm_fast.errors import UserError
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's contents, loaded without running any code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing to load {path}: not a weights-only checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dhm_fast checkpoint")
+    return obj
+
+
+def model_state(obj: dict) -> dict:
+    """The model weights in a checkpoint: ours ({"model": ...}) or a bare state dict."""
+    state = obj.get("model", obj)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError("checkpoint holds no model state dict")
+    return state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    # random.setstate wants tuples all the way down; serialisation may hand back lists.
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, source: str, expected: str) -> None:
+    """Load weights, turning a shape/name mismatch into one line naming both architectures."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or bad_shapes:
+        detail = (missing or unexpected or bad_shapes)[0]
+        raise UserError(
+            f"{source} does not fit a {expected} model (first mismatch: {detail}); "
+            f"was it trained with another --arch, --method or class count?"
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,129 @@
+"""Every training setting, declared once: defaults here, a recipe file per paper row, flags on top.
+
+Precedence: dataclass defaults < recipe (dhm_fast/recipes/<name>.toml) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from dhm_fast.errors import UserError
+
+DEFAULT_RECIPE = "fashion-mnist-resnet20"
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet")
+AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    recipe: str = DEFAULT_RECIPE
+    arch: str = "resnet20"
+    method: str = "dhm"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    loader: str = "auto"
+    train_subset: int | None = None  # first N training images (quick protocols)
+    num_workers: int = 2
+    strict_data: bool = False
+    image_size: int = 224  # ImageNet-style crops
+    no_scale_aug_methods: list[str] = field(default_factory=list)  # recipe switch (REFERENCE.md §4)
+    dropout: float = 0.0
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 128  # per process
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    no_decay_norm_bias: bool = False
+    lr_schedule: str = "multistep"
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    # the DHM objective (REFERENCE.md section 1)
+    alpha: float = 1.0
+    alpha_ramp: str = "constant"  # constant | linear | cosine
+    alpha_ramp_epochs: float = 0.0  # epochs (>= 1) or fraction of training (< 1)
+    temperature: float = 1.0
+    temperature_ramp: str = "constant"
+    temperature_ramp_epochs: float = 0.0
+    temperature_start: float = 1.0
+    direction: str = "both"
+    eps: float = 1e-8
+    label_smoothing: float = 0.0
+    branch_prob: float = 1.0
+    branch_sample_per: str = "step"  # step | epoch
+    reference_loss: bool = False  # force the plain-PyTorch loss instead of the fused op
+    # machinery
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    out: str = "runs/default"
+    resume: str | None = None  # path, or "auto": last.pt in --out when present
+    save_every_steps: int = 0  # 0: checkpoint at epoch ends only
+    log_every_steps: int = 50
+    max_steps: int | None = None
+    eval_only: bool = False
+    weights: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+RECIPE_KEYS = set(FIELDS) - {"recipe", "out", "resume", "eval_only", "weights", "device"}
+
+
+def recipe_names() -> list[str]:
+    folder = resources.files("dhm_fast") / "recipes"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    names = recipe_names()
+    if name not in names:
+        raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(names)}")
+    text = (resources.files("dhm_fast") / "recipes" / f"{name}.toml").read_text()
+    values = tomllib.loads(text)
+    unknown = sorted(set(values) - RECIPE_KEYS)
+    if unknown:
+        raise UserError(f"recipe {name!r} has unknown settings: {', '.join(unknown)}")
+    return values
+
+
+def build_config(recipe: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the recipe's values, then every override that is not None."""
+    name = recipe or DEFAULT_RECIPE
+    values: dict[str, Any] = {"recipe": name, **load_recipe(name)}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.amp not in AMP_CHOICES:
+        raise UserError(f"unknown --amp {cfg.amp!r}; choose one of {', '.join(AMP_CHOICES)}")
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {cfg.temperature}")
+    if not 0.0 <= cfg.branch_prob <= 1.0:
+        raise UserError(f"--branch-prob must lie in [0, 1], got {cfg.branch_prob}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+    if cfg.eval_only and not cfg.weights:
+        raise UserError("--eval-only needs --weights (a checkpoint or a state dict file)")

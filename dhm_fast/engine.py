@@ -1,0 +1,137 @@
+"""The training loop, read top to bottom: one epoch of training, one pass of evaluation.
+
+The trainer never branches on the method: the model returns its heads, `dhm_loss` turns them into
+one loss. Metrics stay on the device; the host syncs once per log interval, never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dhm_fast.losses import dhm_loss
+from dhm_fast.metrics import EvalMeter, TrainMeter
+from dhm_fast.sampling import BranchSampler
+from dhm_fast.schedules import LRSchedule, Ramp
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int) -> None:
+        super().__init__(f"the loss became non-finite at step {step}")
+        self.step = step
+
+
+@dataclass
+class Progress:
+    """Where training stands; everything else (lr, alpha, active heads) is a function of it."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    step: int = 0  # optimizer steps done since the start of training
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+
+
+@dataclass
+class StepParts:
+    """What one optimisation step needs besides the batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    lr: LRSchedule
+    alpha: Ramp
+    temperature: Ramp
+    sampler: BranchSampler
+    loss_kwargs: dict  # method, direction, eps, label_smoothing, reference
+
+
+def train_one_epoch(
+    parts: StepParts,
+    loader,
+    progress: Progress,
+    meter: TrainMeter,
+    *,
+    steps_per_epoch: int,
+    max_steps: int | None = None,
+    log_every: int = 50,
+    on_log: Callable[[dict], None] | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+) -> bool:
+    """Train until the loader's epoch ends (True) or `max_steps` is reached (False)."""
+    model, optimizer = parts.model, parts.optimizer
+    model.train()
+    bad_step = torch.full((), -1, dtype=torch.long, device=meter.loss_sum.device)
+    t0, seen = time.perf_counter(), 0
+    for images, labels in loader:
+        if max_steps is not None and progress.step >= max_steps:
+            return False
+        in_epoch = progress.step - progress.epoch * steps_per_epoch
+        epoch_progress = progress.epoch + in_epoch / steps_per_epoch
+        lr = parts.lr.lr(epoch_progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        active = parts.sampler.active(progress.epoch, progress.step)
+
+        with parts.autocast():
+            outputs = model(images, active=active)
+        loss, stats = dhm_loss(
+            outputs, labels, active=active, return_stats=True,
+            alpha=parts.alpha.at(epoch_progress), temperature=parts.temperature.at(epoch_progress),
+            **parts.loss_kwargs,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        if parts.scaler is not None:
+            parts.scaler.scale(loss).backward()
+            parts.scaler.step(optimizer)
+            parts.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+        # Remember the first non-finite step without a host sync; checked at log time.
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), progress.step, bad_step)
+        meter.update(loss, stats, len(labels), active)
+        progress.step += 1
+        seen += len(labels)
+        if progress.step % log_every == 0 or progress.step % steps_per_epoch == 0:
+            _raise_if_bad(bad_step)
+            if on_log is not None:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                on_log({"step": progress.step, "loss": meter.loss_sum.item() / max(meter.samples, 1),
+                        "lr": lr, "img_per_s": rate})
+        if on_step is not None:
+            on_step(progress)
+    _raise_if_bad(bad_step)
+    return True
+
+
+def _raise_if_bad(bad_step: Tensor) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        raise NonFiniteLoss(step)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_heads: int, autocast, device: torch.device,
+             reduce: Callable[[list[Tensor]], None] | None = None, head_names=("main", "aux1", "aux2")) -> dict:
+    """Per-head CE / top-1 / top-5 over the loader (every head computed, branches included)."""
+    model.eval()
+    meter = EvalMeter(num_heads, device)
+    for images, labels in loader:
+        with autocast():
+            outputs = model(images, all_heads=True) if num_heads > 1 else (model(images),)
+        meter.update(outputs, labels)
+    if reduce is not None:
+        reduce(meter.tensors())
+    result = meter.summary(head_names[:num_heads])
+    if not all(math.isfinite(h["ce"]) for h in result["heads"].values()):
+        result["warning"] = "non-finite validation loss"
+    return result

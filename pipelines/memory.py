@@ -1,0 +1,150 @@
+"""The fast path for small images: the whole dataset lives on the training device as one uint8
+tensor, and pad-and-crop + flip + normalise run on whole batches there (no per-sample Python work).
+
+Randomness (order, crop offsets, flips) for an epoch is drawn up front from (seed, epoch), so an epoch
+is reproducible and a run resumed mid-epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from pipelines.base import LoaderConfig
+from pipelines.small_datasets import ArraySplit, load_small_dataset
+
+
+class MemoryLoader:
+    """Batches of one split held on the device; train mode shuffles and augments."""
+
+    name = "memory"
+
+    def __init__(
+        self,
+        split: ArraySplit,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        padding: int = 4,
+        drop_last: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.device = torch.device(device)
+        self.train = train
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.padding = padding if train else 0
+        self.drop_last = drop_last and train
+        self.channels_last = channels_last
+        images = split.images.to(self.device)
+        if self.padding:
+            # Pad once with zeros (as torchvision's RandomCrop(padding) does to the raw image).
+            p = self.padding
+            images = torch.nn.functional.pad(images, (p, p, p, p))
+        self.images = images
+        self.labels = split.labels.to(self.device)
+        self.height = split.images.shape[2]
+        self.width = split.images.shape[3]
+        c = split.images.shape[1]
+        # x / 255 then (x - mean) / std, folded into one multiply-add
+        std_t = torch.tensor(std, device=self.device).view(1, c, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, device=self.device).view(1, c, 1, 1) / std_t
+        n = len(split.labels)
+        # Train: equal shards (the last n % world_size samples of each permutation wait for the next
+        # epoch). Val: every sample exactly once across shards.
+        self.num_samples = n // world_size if train else len(range(rank, n, world_size))
+        self.epoch = 0
+        self.start_batch = 0
+        self._plan: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Draw epoch `epoch`'s order and augmentation; iteration starts at batch `start_batch`."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+        self._plan = None
+
+    def _make_plan(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        n_total = len(self.labels)
+        if not self.train:
+            return torch.arange(self.rank, n_total, self.world_size, device=self.device), None, None
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n_total, generator=g)
+        order = order[: self.num_samples * self.world_size].view(-1, self.world_size)[:, self.rank]
+        n = len(order)
+        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        return order.to(self.device), offsets.to(self.device), flips.to(self.device)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._plan is None:
+            self._plan = self._make_plan()
+        order, offsets, flips = self._plan
+        start = self.start_batch
+        self.start_batch = 0  # a resumed epoch starts mid-way once only
+        for b in range(start, len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order[sl]
+            if self.train:
+                images = self._crop_flip(self.images[idx], offsets[sl], flips[sl])
+            else:
+                images = self.images[idx]
+            yield self._normalise(images), self.labels[idx]
+
+    def _crop_flip(self, padded: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
+        b, c = padded.shape[:2]
+        rows = offsets[:, 0:1] + torch.arange(self.height, device=self.device)  # [B, H]
+        cols = offsets[:, 1:2] + torch.arange(self.width, device=self.device)  # [B, W]
+        # Mirror the column index for flipped samples: crop and flip in one gather.
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+        bi = torch.arange(b, device=self.device)[:, None, None, None]
+        ci = torch.arange(c, device=self.device)[None, :, None, None]
+        return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+    def _normalise(self, images: Tensor) -> Tensor:
+        x = images.float().mul_(self.scale).add_(self.shift)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def close(self) -> None:
+        self._plan = None
+
+
+def create_memory_loaders(config: LoaderConfig) -> tuple[MemoryLoader, MemoryLoader]:
+    data = load_small_dataset(config.dataset, config.data_dir)
+    train_split = data.train
+    if config.train_subset:
+        n = min(config.train_subset, len(train_split.labels))
+        train_split = ArraySplit(train_split.images[:n], train_split.labels[:n])
+    common = dict(
+        device=config.device, seed=config.seed, rank=config.rank, world_size=config.world_size,
+        channels_last=config.channels_last,
+    )
+    train = MemoryLoader(
+        train_split, data.mean, data.std, batch_size=config.batch_size, train=True,
+        padding=config.crop_padding, drop_last=config.drop_last, **common,
+    )
+    val = MemoryLoader(
+        data.test, data.mean, data.std, batch_size=config.val_batch_size or config.batch_size,
+        train=False, **common,
+    )
+    train.num_classes = val.num_classes = data.num_classes
+    train.in_channels = val.in_channels = data.train.images.shape[1]
+    return train, val
