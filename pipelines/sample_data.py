@@ -1,0 +1,97 @@
+"""Generate small ImageFolder datasets of JPEGs (for tests, benchmarks and trying the CLI).
+
+Every image encodes its own geometry: red grows with the column (0 at the left edge, 255 at the
+right), green with the row, and blue is one random level per image. From any crop of such an image a
+test can read back which region was cropped and whether it was flipped. With `odd_files=True` the
+dataset also holds what real ImageNet holds: a grayscale JPEG, a CMYK JPEG and a PNG saved under a
+.JPEG name (all valid), plus a garbage file and a truncated JPEG (both invalid).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class SampleDataset:
+    root: Path
+    classes: list[str]
+    counts: dict[str, int]  # split -> number of valid images
+    bad_files: list[Path] = field(default_factory=list)  # files a backend must skip
+    odd_files: list[Path] = field(default_factory=list)  # valid but unusual (gray, CMYK, PNG)
+
+
+def gradient_image(height: int, width: int, blue: int) -> np.ndarray:
+    """uint8 [H, W, 3]: red = column position, green = row position, blue constant."""
+    red = np.round(np.linspace(0, 255, width)).astype(np.uint8)
+    green = np.round(np.linspace(0, 255, height)).astype(np.uint8)
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[..., 0] = red[None, :]
+    img[..., 1] = green[:, None]
+    img[..., 2] = blue
+    return img
+
+
+def write_imagefolder(
+    root: str | Path,
+    *,
+    num_classes: int = 3,
+    train_per_class: int = 6,
+    val_per_class: int = 4,
+    min_side: int = 48,
+    max_side: int = 160,
+    sizes: list[tuple[int, int]] | None = None,
+    odd_files: bool = True,
+    quality: int = 95,
+    seed: int = 0,
+) -> SampleDataset:
+    """Write root/{train,val}/class_XX/*.JPEG; sizes are (height, width), drawn when not given."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    classes = [f"class_{i:02d}" for i in range(num_classes)]
+    out = SampleDataset(root, classes, {})
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        n = 0
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                if sizes:
+                    h, w = sizes[(c * per_class + i) % len(sizes)]
+                else:
+                    h, w = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
+                img = gradient_image(h, w, int(rng.integers(0, 256)))
+                Image.fromarray(img).save(folder / f"{split}_{c}_{i:04d}.JPEG", quality=quality)
+                n += 1
+        out.counts[split] = n
+    if odd_files:
+        _write_odd_files(root, classes, rng, out, quality)
+    return out
+
+
+def _write_odd_files(root: Path, classes: list[str], rng: np.random.Generator, out: SampleDataset,
+                     quality: int) -> None:
+    # Valid oddities go to train and val (every backend must decode them); invalid ones to both too.
+    for split in ("train", "val"):
+        folder = root / split / classes[-1]
+        base = gradient_image(70, 90, int(rng.integers(0, 256)))
+        gray = folder / f"{split}_gray.JPEG"
+        Image.fromarray(base).convert("L").save(gray, quality=quality)
+        cmyk = folder / f"{split}_cmyk.JPEG"
+        Image.fromarray(base).convert("CMYK").save(cmyk, quality=quality)
+        png = folder / f"{split}_png.JPEG"
+        Image.fromarray(base).save(png, format="PNG")
+        out.odd_files += [gray, cmyk, png]
+        out.counts[split] += 3
+        garbage = root / split / classes[0] / f"{split}_garbage.JPEG"
+        garbage.write_bytes(rng.integers(0, 256, size=3000, dtype=np.uint8).tobytes())
+        buf = io.BytesIO()
+        Image.fromarray(base).save(buf, format="JPEG", quality=quality)
+        truncated = root / split / classes[0] / f"{split}_truncated.JPEG"
+        truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+        out.bad_files += [garbage, truncated]
