@@ -1,10 +1,30 @@
-"""Which backend `--loader auto` picks, and why (logged by the trainer)."""
+"""Which backend `--loader auto` picks, and why (logged by the trainer).
+
+  1. a small dataset (Fashion-MNIST, CIFAR)         -> memory: the whole set is one tensor on the device
+  2. --train-beton/--val-beton given and FFCV found -> ffcv
+  3. training on CUDA and DALI found                -> dali, decoding JPEGs on the GPU
+  4. otherwise                                      -> torchvision
+DALI's CPU mode is never chosen automatically: torchvision drops a file that fails to decode at run
+time, DALI loses the whole batch (ask for it with --loader dali on a validated dataset).
+"""
 
 from __future__ import annotations
+
+import importlib.util
+
+import torch
 
 from pipelines.base import LoaderConfig
 
 SMALL_DATASETS = ("fashion-mnist", "cifar10", "cifar100")
+
+
+def module_available(name: str) -> bool:
+    """Whether `name` can be imported, without importing it (FFCV's import alone takes seconds)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def resolve_backend(config: LoaderConfig) -> tuple[str, str]:
@@ -13,4 +33,19 @@ def resolve_backend(config: LoaderConfig) -> tuple[str, str]:
         return config.backend, "asked for with --loader"
     if config.dataset in SMALL_DATASETS:
         return "memory", f"{config.dataset} fits in memory: whole dataset held as one uint8 tensor"
-    return "torchvision", "no faster backend available"
+    if config.dataset == "synthetic":
+        return "synthetic", "synthetic data asked for"
+    notes = []
+    if config.train_beton or config.val_beton:
+        if not (config.train_beton and config.val_beton):
+            raise ValueError("give both --train-beton and --val-beton, or neither")
+        if module_available("ffcv"):
+            return "ffcv", "FFCV .beton files given"
+        notes.append(".beton files given but FFCV is not installed")
+    if torch.device(config.device).type == "cuda" and torch.cuda.is_available():
+        if module_available("nvidia.dali"):
+            return "dali", "training on CUDA: DALI decodes JPEGs on the GPU"
+        notes.append("DALI is not installed (GPU decoding unavailable)")
+    else:
+        notes.append("no CUDA device, so no GPU decoding")
+    return "torchvision", "; ".join(notes) + ": torchvision ImageFolder with worker processes"

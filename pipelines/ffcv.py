@@ -1,0 +1,208 @@
+"""FFCV loader over .beton files written by `python -m pipelines.ffcv_convert`.
+
+The same augmentation as the DALI and torchvision loaders, done by FFCV's JIT-compiled decoders:
+  train, scale_aug=True:  random-resized-crop decode (area in `scale`, aspect in `ratio`), flip
+  train, scale_aug=False: a random square crop of side image_size/val_resize of the shorter side,
+                          resized to image_size (= resize the shorter side to val_resize, then a
+                          random image_size crop), flip
+  val:                    centre square crop of side image_size/val_resize of the shorter side,
+                          resized to image_size (= resize to val_resize, centre crop image_size)
+Batches leave FFCV as uint8 channels-last views (ToDevice first on CUDA) and are normalised here on
+the device with torch, which needs no cupy and no per-pixel JIT loop on the CPU.
+
+Order and sharding follow pipelines.sharding, like every other backend: same permutation per
+(seed, epoch), val sees each sample exactly once across processes. FFCV's own `distributed=True`
+(a DistributedSampler) is therefore not used: it pads val with duplicates; ranks come from the
+config, which the trainer fills from the initialised process group. FFCV's augmentation draws from
+numba's unseeded per-thread RNG, so crops and flips (unlike the order) are not reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipelines.base import LoaderConfig
+from pipelines.normalize import Normalizer
+from pipelines.sharding import epoch_indices, num_batches, shard_size
+
+_torch_threads = torch.get_num_threads()  # importing FFCV sets torch's thread count to 1: undone below
+try:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import (
+        CenterCropRGBImageDecoder,
+        RandomResizedCropRGBImageDecoder,
+        ResizedCropRGBImageDecoder,
+    )
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.traversal_order.base import TraversalOrder
+except ImportError as e:  # pragma: no cover - exercised only where FFCV is missing
+    raise ImportError(
+        f"--loader ffcv needs FFCV ({e}); install it with `bash pipelines/install_extras.sh .venv/bin/pip`"
+    ) from None
+finally:
+    torch.set_num_threads(_torch_threads)
+
+log = logging.getLogger(__name__)
+
+FIELDS = {"image": RGBImageField, "label": IntField}  # what ffcv_convert writes, in this order
+CONVERT = "python -m pipelines.ffcv_convert"
+
+
+def _random_square_crop(height, width, scale, fraction):  # noqa: ARG001 - FFCV's crop signature
+    """A square of side fraction * shorter side at a uniform random position (numba-compilable)."""
+    side = int(fraction * min(height, width))
+    i = int(np.random.uniform(0, height - side + 1))
+    j = int(np.random.uniform(0, width - side + 1))
+    return i, j, side, side
+
+
+class RandomSquareCropRGBImageDecoder(ResizedCropRGBImageDecoder):
+    """The no-scale-augmentation train decoder (see the module docstring)."""
+
+    def __init__(self, output_size: tuple[int, int], fraction: float) -> None:
+        super().__init__(output_size)
+        self.scale = None
+        self.ratio = fraction
+
+    @property
+    def get_crop_generator(self):
+        return _random_square_crop
+
+
+def check_beton(path: str | Path) -> Reader:
+    """Open a .beton and check it holds exactly the fields ffcv_convert writes; one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"FFCV file {path} does not exist (write it with {CONVERT})")
+    try:
+        reader = Reader(str(path))
+    except Exception as e:  # FFCV raises AssertionError/ValueError/IndexError on foreign files
+        raise ValueError(f"{path} is not a readable FFCV .beton file ({type(e).__name__}: {e})") from None
+    found = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+    expected = {name: cls.__name__ for name, cls in FIELDS.items()}
+    if found != expected:
+        have = ", ".join(f"{k}:{v}" for k, v in found.items())
+        raise ValueError(
+            f"{path} was written with other fields ({have}); expected image:RGBImageField, label:IntField "
+            f"as written by {CONVERT}"
+        )
+    return reader
+
+
+def beton_labels(reader: Reader) -> np.ndarray:
+    """Every sample's label, straight from the file's metadata (no decoding)."""
+    return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64)
+
+
+def read_classes(beton: str | Path) -> list[str] | None:
+    """Class names written by ffcv_convert beside the .beton files, if present."""
+    path = Path(beton).parent / "classes.txt"
+    if not path.is_file():
+        return None
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+class _EpochOrder(TraversalOrder):
+    """Plugs pipelines.sharding into FFCV's loader (set after construction: see FfcvLoader)."""
+
+    def __init__(self, loader: Loader, *, rank: int, world_size: int, shuffle: bool, seed: int) -> None:
+        super().__init__(loader)
+        self.rank, self.world_size, self.shuffle, self.shuffle_seed = rank, world_size, shuffle, seed
+        self.skip = 0
+
+    def sample_order(self, epoch: int) -> Sequence[int]:
+        idx = epoch_indices(len(self.indices), rank=self.rank, world_size=self.world_size,
+                            shuffle=self.shuffle, seed=self.shuffle_seed, epoch=epoch)
+        return self.indices[idx[self.skip:]]
+
+
+class FfcvLoader:
+    """FFCV loader honouring the `pipelines.base.Loader` contract."""
+
+    name = "ffcv"
+
+    def __init__(self, beton: str | Path, config: LoaderConfig, *, train: bool) -> None:
+        reader = check_beton(beton)
+        self.path = Path(beton)
+        self.train = train
+        self.device = torch.device(config.device)
+        self.batch_size = config.batch_size if train else (config.val_batch_size or config.batch_size)
+        self.drop_last = config.drop_last and train
+        labels = beton_labels(reader)
+        self.classes = read_classes(beton)
+        self.num_classes = len(self.classes) if self.classes else int(labels.max()) + 1
+        self.in_channels = 3
+        self.skipped: list[tuple[str, str]] = []  # bad files were dropped at conversion time
+        n = int(reader.num_samples)
+        self.num_samples = shard_size(n, rank=config.rank, world_size=config.world_size, shuffle=train)
+        self.normalize = Normalizer(channels_last=config.channels_last)
+
+        size = (config.image_size, config.image_size)
+        fraction = config.image_size / config.val_resize
+        if train and config.scale_aug:
+            decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(config.scale),
+                                                       ratio=tuple(config.ratio))
+        elif train:
+            decoder = RandomSquareCropRGBImageDecoder(size, fraction)
+        else:
+            decoder = CenterCropRGBImageDecoder(size, ratio=fraction)
+        on_gpu = self.device.type == "cuda"
+        image_ops = [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()]
+        label_ops = [IntDecoder(), ToTensor(), Squeeze()]
+        if on_gpu:
+            image_ops.append(ToDevice(self.device, non_blocking=True))
+            label_ops.append(ToDevice(self.device, non_blocking=True))
+        image_ops.append(ToTorchImage(channels_last=True))  # a free NHWC -> NCHW view
+        threads = torch.get_num_threads()
+        self._loader = Loader(
+            str(beton), batch_size=self.batch_size, num_workers=max(1, config.num_workers),
+            order=OrderOption.SEQUENTIAL, drop_last=self.drop_last, os_cache=True,
+            pipelines={"image": image_ops, "label": label_ops}, batches_ahead=3,
+        )
+        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count: undo
+        self._order = _EpochOrder(self._loader, rank=config.rank, world_size=config.world_size,
+                                  shuffle=train, seed=config.seed)
+        self._loader.traversal_order = self._order
+        self._loader.first_traversal_order = self._order.sample_order(0)
+
+    def __len__(self) -> int:
+        skipped_batches = self._order.skip // self.batch_size
+        return num_batches(self.num_samples, self.batch_size, self.drop_last) - skipped_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._loader.next_epoch = epoch
+        self._order.skip = start_batch * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if len(self) == 0:
+            return
+        threads = torch.get_num_threads()
+        epoch_iter = iter(self._loader)
+        torch.set_num_threads(threads)
+        self._order.skip = 0  # a resumed epoch starts mid-way once only
+        non_blocking = self.device.type == "cuda"
+        for images, labels in epoch_iter:
+            if images.device != self.device:
+                images = images.to(self.device, non_blocking=non_blocking)
+                labels = labels.to(self.device, non_blocking=non_blocking)
+            # normalize() writes a fresh tensor: FFCV reuses its buffers for later batches
+            yield self.normalize(images), labels.long().clone()
+
+    def close(self) -> None:
+        self._loader = None
+
+
+def create_ffcv_loaders(config: LoaderConfig) -> tuple[FfcvLoader, FfcvLoader]:
+    if not config.train_beton or not config.val_beton:
+        raise ValueError(f"--loader ffcv needs --train-beton and --val-beton (see {CONVERT})")
+    train = FfcvLoader(config.train_beton, config, train=True)
+    return train, FfcvLoader(config.val_beton, config, train=False)

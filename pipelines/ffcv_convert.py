@@ -1,0 +1,165 @@
+"""Convert an ImageFolder dataset (train/ and val/) into FFCV .beton files.
+
+    python -m pipelines.ffcv_convert --data-dir /data/imagenet --out /data/ffcv \\
+        --max-resolution 512 --jpeg-quality 90 --write-mode proportion --compress-probability 0.5
+
+writes OUT/train.beton, OUT/val.beton and OUT/classes.txt (class index -> folder name, the sorted
+folder names every backend uses). Files are checked first (pipelines.imagefolder): bad ones are
+skipped and listed, or stop the conversion with --strict-data. Images are stored RGB, their longer
+side capped at --max-resolution, as JPEG (--write-mode jpg), raw pixels (raw), a random share of
+JPEGs (proportion, --compress-probability) or JPEG only for images above --smart-threshold bytes
+(smart). Raw pixels decode fastest and take the most disk; FFCV's ImageNet recipe uses proportion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.imagefolder import VALIDATION_MODES, ImageList, scan_imagefolder
+
+WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+DEFAULT_PAGE = 8 << 20  # FFCV's default page: 8 MiB
+
+
+class _FolderSamples:
+    """Indexable (image, label) view of a validated list, read by FFCV's writer processes.
+
+    FFCV's writer waits forever for a sample whose worker raised, so a file that fails to decode
+    here (one that passed the header check but not a full decode) is written as a grey image,
+    recorded in `failure_dir`, and the conversion is failed afterwards, naming it.
+    """
+
+    def __init__(self, images: ImageList, failure_dir: str) -> None:
+        self.files = images.files
+        self.labels = images.labels
+        self.failure_dir = failure_dir
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                rgb = np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:
+            with open(os.path.join(self.failure_dir, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
+                f.write(f"{path}\t{type(e).__name__}: {e}\n")
+            rgb = np.full((8, 8, 3), 128, dtype=np.uint8)
+        return rgb, self.labels[index]
+
+
+def page_size_for(max_resolution: int | None, write_mode: str) -> int:
+    """A page must hold the largest sample: raw pixels of a max_resolution square, when capped."""
+    if max_resolution is None or write_mode == "jpg":
+        return DEFAULT_PAGE
+    need = max_resolution * max_resolution * 3 + 4096
+    return max(DEFAULT_PAGE, 1 << (need - 1).bit_length())
+
+
+def write_beton(images: ImageList, out: Path, *, max_resolution: int | None, jpeg_quality: int,
+                write_mode: str, compress_probability: float, smart_threshold: int | None,
+                num_workers: int, page_size: int | None = None) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    if write_mode not in WRITE_MODES:
+        raise ValueError(f"unknown write mode {write_mode!r}; choose one of {', '.join(WRITE_MODES)}")
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                               smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
+                               compress_probability=compress_probability),
+        "label": IntField(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    with tempfile.TemporaryDirectory() as failures:
+        writer = DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers),
+                               page_size=page_size or page_size_for(max_resolution, write_mode))
+        print(f"writing {out} ({len(images)} images, {write_mode})", file=sys.stderr, flush=True)
+        writer.from_indexed_dataset(_FolderSamples(images, failures), chunksize=64)
+        failed = [line for name in sorted(os.listdir(failures))
+                  for line in Path(failures, name).read_text(encoding="utf-8").splitlines()]
+    if failed:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(
+            f"{len(failed)} files passed the header check but do not decode (first: "
+            f"{failed[0].replace(chr(9), ': ')}); rerun with --validation full to skip them"
+        )
+    os.replace(tmp, out)
+
+
+def convert(data_dir: str, out_dir: str, *, max_resolution: int | None = None, jpeg_quality: int = 90,
+            write_mode: str = "proportion", compress_probability: float = 0.5,
+            smart_threshold: int | None = None, num_workers: int | None = None, strict: bool = False,
+            validation: str = "header", splits: tuple[str, ...] = ("train", "val"),
+            page_size: int | None = None) -> dict[str, Path]:
+    """Write OUT/<split>.beton for each split plus OUT/classes.txt; returns the written paths."""
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"--jpeg-quality must be in [1, 100], got {jpeg_quality}")
+    if max_resolution is not None and max_resolution < 8:
+        raise ValueError(f"--max-resolution must be at least 8, got {max_resolution}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise ValueError(f"--compress-probability must be in [0, 1], got {compress_probability}")
+    train, val = scan_imagefolder(data_dir, strict=strict, mode=validation)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("".join(c + "\n" for c in train.classes), encoding="utf-8")
+    written = {}
+    for split, images in (("train", train), ("val", val)):
+        if split not in splits:
+            continue
+        target = out / f"{split}.beton"
+        write_beton(images, target, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                    write_mode=write_mode, compress_probability=compress_probability,
+                    smart_threshold=smart_threshold, num_workers=num_workers or os.cpu_count() or 1,
+                    page_size=page_size)
+        written[split] = target
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.ffcv_convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="ImageFolder root with train/ and val/")
+    p.add_argument("--out", required=True, help="folder for train.beton, val.beton and classes.txt")
+    p.add_argument("--max-resolution", type=int, default=None, help="cap on the longer side (pixels)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--write-mode", choices=WRITE_MODES, default="proportion")
+    p.add_argument("--compress-probability", type=float, default=0.5,
+                   help="JPEG share for --write-mode proportion")
+    p.add_argument("--smart-threshold", type=int, default=None, help="bytes above which smart mode uses JPEG")
+    p.add_argument("--num-workers", type=int, default=None, help="writer processes (default: all cores)")
+    p.add_argument("--splits", nargs="+", choices=("train", "val"), default=["train", "val"])
+    p.add_argument("--page-size", type=int, default=None, help="FFCV page size in bytes (a power of 2)")
+    p.add_argument("--validation", choices=VALIDATION_MODES, default="header",
+                   help="check file headers (fast) or decode every file first (full)")
+    p.add_argument("--strict-data", action="store_true",
+                   help="stop at the first bad file instead of skipping it")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        written = convert(args.data_dir, args.out, max_resolution=args.max_resolution,
+                          jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
+                          compress_probability=args.compress_probability,
+                          smart_threshold=args.smart_threshold,
+                          num_workers=args.num_workers, strict=args.strict_data, validation=args.validation,
+                          splits=tuple(args.splits), page_size=args.page_size)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, path in written.items():
+        print(f"{split}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
