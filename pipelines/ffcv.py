@@ -121,8 +121,10 @@ class _EpochOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> Sequence[int]:
         idx = epoch_indices(len(self.indices), rank=self.rank, world_size=self.world_size,
-                            shuffle=self.shuffle, seed=self.shuffle_seed, epoch=epoch)
-        return self.indices[idx[self.skip:]]
+                            shuffle=self.shuffle, seed=self.shuffle_seed, epoch=epoch)[self.skip:]
+        if self.loader.drop_last:
+            idx = idx[: len(idx) // self.loader.batch_size * self.loader.batch_size]
+        return self.indices[idx]
 
 
 class FfcvLoader:

@@ -1,8 +1,10 @@
 """Generate small ImageFolder datasets of JPEGs (for tests, benchmarks and trying the CLI).
 
 Every image encodes its own geometry: red grows with the column (0 at the left edge, 255 at the
-right), green with the row, and blue is one random level per image. From any crop of such an image a
-test can read back which region was cropped and whether it was flipped. With `odd_files=True` the
+right), green with the row, and blue is one level per image, distinct within a split (evenly spread
+levels in a random order). From any crop of such an image a test can read back which region was
+cropped and whether it was flipped, and tell images apart. JPEGs are written without chroma
+subsampling so that colours, and with them positions, survive compression. With `odd_files=True` the
 dataset also holds what real ImageNet holds: a grayscale JPEG, a CMYK JPEG and a PNG saved under a
 .JPEG name (all valid), plus a garbage file and a truncated JPEG (both invalid).
 """
@@ -57,6 +59,9 @@ def write_imagefolder(
     out = SampleDataset(root, classes, {})
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         n = 0
+        n_odd = 3 if odd_files else 0
+        levels = np.round(np.linspace(0, 255, num_classes * per_class + n_odd)).astype(int)
+        blues = iter(rng.permutation(levels))
         for c, name in enumerate(classes):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -65,33 +70,32 @@ def write_imagefolder(
                     h, w = sizes[(c * per_class + i) % len(sizes)]
                 else:
                     h, w = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
-                img = gradient_image(h, w, int(rng.integers(0, 256)))
-                Image.fromarray(img).save(folder / f"{split}_{c}_{i:04d}.JPEG", quality=quality)
+                img = gradient_image(h, w, int(next(blues)))
+                path = folder / f"{split}_{c}_{i:04d}.JPEG"
+                Image.fromarray(img).save(path, quality=quality, subsampling=0)
                 n += 1
         out.counts[split] = n
-    if odd_files:
-        _write_odd_files(root, classes, rng, out, quality)
+        if odd_files:
+            _write_odd_files(root / split, classes, [int(next(blues)) for _ in range(3)], rng, out, quality)
     return out
 
 
-def _write_odd_files(root: Path, classes: list[str], rng: np.random.Generator, out: SampleDataset,
-                     quality: int) -> None:
-    # Valid oddities go to train and val (every backend must decode them); invalid ones to both too.
-    for split in ("train", "val"):
-        folder = root / split / classes[-1]
-        base = gradient_image(70, 90, int(rng.integers(0, 256)))
-        gray = folder / f"{split}_gray.JPEG"
-        Image.fromarray(base).convert("L").save(gray, quality=quality)
-        cmyk = folder / f"{split}_cmyk.JPEG"
-        Image.fromarray(base).convert("CMYK").save(cmyk, quality=quality)
-        png = folder / f"{split}_png.JPEG"
-        Image.fromarray(base).save(png, format="PNG")
-        out.odd_files += [gray, cmyk, png]
-        out.counts[split] += 3
-        garbage = root / split / classes[0] / f"{split}_garbage.JPEG"
-        garbage.write_bytes(rng.integers(0, 256, size=3000, dtype=np.uint8).tobytes())
-        buf = io.BytesIO()
-        Image.fromarray(base).save(buf, format="JPEG", quality=quality)
-        truncated = root / split / classes[0] / f"{split}_truncated.JPEG"
-        truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
-        out.bad_files += [garbage, truncated]
+def _write_odd_files(split_dir: Path, classes: list[str], blues: list[int], rng: np.random.Generator,
+                     out: SampleDataset, quality: int) -> None:
+    # Valid oddities (every backend must decode them) and invalid files, in each split.
+    split, folder = split_dir.name, split_dir / classes[-1]
+    gray = folder / f"{split}_gray.JPEG"
+    Image.fromarray(gradient_image(70, 90, blues[0])).convert("L").save(gray, quality=quality)
+    cmyk = folder / f"{split}_cmyk.JPEG"
+    Image.fromarray(gradient_image(80, 60, blues[1])).convert("CMYK").save(cmyk, quality=quality)
+    png = folder / f"{split}_png.JPEG"
+    Image.fromarray(gradient_image(64, 100, blues[2])).save(png, format="PNG")
+    out.odd_files += [gray, cmyk, png]
+    out.counts[split] += 3
+    garbage = split_dir / classes[0] / f"{split}_garbage.JPEG"
+    garbage.write_bytes(rng.integers(0, 256, size=3000, dtype=np.uint8).tobytes())
+    buf = io.BytesIO()
+    Image.fromarray(gradient_image(70, 90, 0)).save(buf, format="JPEG", quality=quality)
+    truncated = split_dir / classes[0] / f"{split}_truncated.JPEG"
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    out.bad_files += [garbage, truncated]
