@@ -31,7 +31,7 @@ def require_extra(module: str, what: str) -> None:
                "`bash pipelines/install_extras.sh .venv/bin/pip`")
         if EXTRAS_REQUIRED:
             pytest.fail(msg + " (DHM_FAST_REQUIRE_EXTRAS=1 makes this a failure)", pytrace=False)
-        pytest.skip(msg)
+        pytest.skip(msg, allow_module_level=True)
 
 
 def small_config(root: Path | str, cache_dir: Path | str, **overrides) -> LoaderConfig:
