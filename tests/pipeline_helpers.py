@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines import create_loaders
 from pipelines.base import LoaderConfig
 
 MEAN = np.array([0.485, 0.456, 0.406])  # written out again, not imported: the test must be independent
@@ -100,3 +101,31 @@ def write_undecodable_png(path: Path) -> None:
     data[i + 4:i + 4 + length] = payload
     data[i + 4 + length:i + 8 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(payload)))
     path.write_bytes(bytes(data))
+
+
+_betons: dict[str, tuple[str, str]] = {}
+
+
+def _ffcv_files(root) -> tuple[str, str]:
+    """Convert a dataset once per test session (raw pixels, so only the crop/resize differs)."""
+    key = str(root)
+    if key not in _betons:
+        from pipelines.ffcv_convert import convert
+
+        out = root.parent / (root.name + "-ffcv")
+        written = convert(str(root), str(out), write_mode="raw", num_workers=1, page_size=1 << 21)
+        _betons[key] = (str(written["train"]), str(written["val"]))
+    return _betons[key]
+
+
+def make_loaders(backend: str, root, cache_dir, **overrides):
+    if backend == "dali":
+        require_extra("nvidia.dali", "NVIDIA DALI")
+    if backend == "ffcv":
+        require_extra("ffcv", "FFCV")
+        from ffcv.pipeline.compiler import Compiler
+
+        Compiler.set_enabled(False)  # numba compilation costs 10-30 s per loader; the logic is the same
+        overrides["train_beton"], overrides["val_beton"] = _ffcv_files(root)
+    cfg = small_config(root, cache_dir, backend=backend, **overrides)
+    return create_loaders(cfg)

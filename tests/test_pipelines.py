@@ -10,14 +10,12 @@ import torch
 from pipeline_helpers import (
     collect,
     crop_geometry,
+    make_loaders,
     match_to_reference,
     reference_val_image,
-    require_extra,
-    small_config,
     write_undecodable_png,
 )
 
-from pipelines import create_loaders
 from pipelines.imagefolder import scan_imagefolder
 from pipelines.sample_data import write_imagefolder
 
@@ -40,34 +38,6 @@ def aug_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
-
-
-_betons: dict[str, tuple[str, str]] = {}
-
-
-def _ffcv_files(root) -> tuple[str, str]:
-    """Convert a dataset once per test session (raw pixels, so only the crop/resize differs)."""
-    key = str(root)
-    if key not in _betons:
-        from pipelines.ffcv_convert import convert
-
-        out = root.parent / (root.name + "-ffcv")
-        written = convert(str(root), str(out), write_mode="raw", num_workers=1, page_size=1 << 21)
-        _betons[key] = (str(written["train"]), str(written["val"]))
-    return _betons[key]
-
-
-def make_loaders(backend: str, root, cache_dir, **overrides):
-    if backend == "dali":
-        require_extra("nvidia.dali", "NVIDIA DALI")
-    if backend == "ffcv":
-        require_extra("ffcv", "FFCV")
-        from ffcv.pipeline.compiler import Compiler
-
-        Compiler.set_enabled(False)  # numba compilation costs 10-30 s per loader; the logic is the same
-        overrides["train_beton"], overrides["val_beton"] = _ffcv_files(root)
-    cfg = small_config(root, cache_dir, backend=backend, **overrides)
-    return create_loaders(cfg)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
