@@ -1,0 +1,318 @@
+// CPU kernel of the fused mimicking loss: rows in parallel (at::parallel_for), each row's work in
+// short loops over the classes that the compiler vectorises (`omp simd`, built with -fopenmp-simd),
+// compiled for several x86 levels and picked at load time (GCC target_clones).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <memory>
+
+#include "fused_loss.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DHM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DHM_CLONES
+#endif
+
+namespace dhm {
+namespace {
+
+// Everything one row needs besides its logits.
+template <typename acc_t>
+struct RowJob {
+  const RowConsts<acc_t>* c;
+  const float* ce_w;  // [H]
+  const float* kl_w;  // [H, H], teacher row, student column
+  int64_t kpad;       // stride between the per-head scratch arrays
+};
+
+// One row: per-head CE and softmaxes, all pairwise KL terms, and (when g != nullptr) the gradient
+// of the row's share of the loss w.r.t. every head's logits. `out` gets the row's stats
+// [ce (H), kl (H*H), correct (H)]; `work` holds (2 + kTwoTemps) * H * kpad + kpad values.
+template <typename acc_t, bool kSmooth, bool kTwoTemps>
+inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
+                                                       const acc_t* const* z, acc_t* const* g,
+                                                       int64_t y, acc_t* out, acc_t* work) {
+  const RowConsts<acc_t>& c = *job.c;
+  const int heads = c.heads;
+  const int64_t K = c.classes, kpad = job.kpad;
+  acc_t* q = work;                                   // softmax(z / T), per head
+  acc_t* lq = q + heads * kpad;                      // log q~, per head
+  acc_t* s = kTwoTemps ? lq + heads * kpad : q;      // softmax(z), per head
+  acc_t* mix = (kTwoTemps ? s : lq) + heads * kpad;  // teacher mixture of one student
+  acc_t* ce = out;
+  acc_t* kl = out + heads;
+  acc_t* correct = out + heads + heads * heads;
+  const acc_t inv_t = c.inv_t;
+
+  for (int h = 0; h < heads; ++h) {
+    const acc_t* zh = z[h];
+    acc_t* qh = q + h * kpad;
+    acc_t* sh = s + h * kpad;
+    acc_t* lqh = lq + h * kpad;
+    acc_t m = zh[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t k = 0; k < K; ++k) m = zh[k] > m ? zh[k] : m;
+    acc_t shifted_sum = 0;  // sum_k (z_k - max), for label smoothing
+    if (c.smooth != acc_t(0)) {
+#pragma omp simd reduction(+ : shifted_sum)
+      for (int64_t k = 0; k < K; ++k) shifted_sum += zh[k] - m;
+    }
+    // Correct iff the target holds the first maximum (torch.argmax's tie rule).
+    const acc_t zy = zh[y];
+    bool hit = zy == m;
+    for (int64_t k = 0; hit && k < y; ++k) hit = zh[k] < m;
+    correct[h] = hit ? acc_t(1) : acc_t(0);
+
+    acc_t sum_t = 0;
+#pragma omp simd reduction(+ : sum_t)
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t e = row_exp((zh[k] - m) * inv_t);
+      qh[k] = e;
+      sum_t += e;
+    }
+    acc_t sum_1 = sum_t;
+    if (kTwoTemps) {
+      sum_1 = 0;
+#pragma omp simd reduction(+ : sum_1)
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t e = row_exp(zh[k] - m);
+        sh[k] = e;
+        sum_1 += e;
+      }
+      const acc_t inv_1 = acc_t(1) / sum_1;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) sh[k] *= inv_1;
+    }
+    ce[h] = row_ce<acc_t>(std::log(sum_1), m - zy, shifted_sum / static_cast<acc_t>(K), c.smooth);
+    const acc_t log_sum_t = std::log(sum_t), inv_sum_t = acc_t(1) / sum_t;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t qk = qh[k] * inv_sum_t;
+      qh[k] = qk;
+      lqh[k] = student_log_prob<kSmooth>(qk, (zh[k] - m) * inv_t, log_sum_t, c);
+    }
+  }
+
+  // KL(p~_i || q~_j) = sum_k p~_ik (log q~_ik - log q~_jk), summed directly (no cancellation
+  // between two large cross-entropies when the heads agree).
+  for (int i = 0; i < heads; ++i) {
+    const acc_t* qi = q + i * kpad;
+    const acc_t* lqi = lq + i * kpad;
+    for (int j = 0; j < heads; ++j) {
+      if (j == i) {
+        kl[i * heads + j] = 0;
+        continue;
+      }
+      const acc_t* lqj = lq + j * kpad;
+      acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += teacher_prob<kSmooth>(qi[k], c) * (lqi[k] - lqj[k]);
+      kl[i * heads + j] = acc;
+    }
+  }
+  if (g == nullptr) return;
+
+  for (int j = 0; j < heads; ++j) {
+    acc_t* gj = g[j];
+    const acc_t* qj = q + j * kpad;
+    const acc_t* sj = s + j * kpad;
+    const acc_t ce_scale = static_cast<acc_t>(job.ce_w[j]) * c.inv_batch;
+    // mix = P_j = sum_i w_ij p~_i over this student's teachers.
+    acc_t w_sum = 0;
+    bool any_teacher = false;
+    for (int i = 0; i < heads; ++i) {
+      const acc_t w = static_cast<acc_t>(job.kl_w[i * heads + j]);
+      if (i == j || w == acc_t(0)) continue;
+      const acc_t* qi = q + i * kpad;
+      w_sum += w;
+      if (!any_teacher) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) mix[k] = w * teacher_prob<kSmooth>(qi[k], c);
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) mix[k] += w * teacher_prob<kSmooth>(qi[k], c);
+      }
+      any_teacher = true;
+    }
+    if (!any_teacher) {
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], 0, 0, 0, c);
+    } else {
+      acc_t w_j = w_sum;
+      if (kSmooth) {
+        // mix becomes rho_j * P_j and W_j its sum.
+        w_j = 0;
+#pragma omp simd reduction(+ : w_j)
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t rp = student_ratio<kSmooth>(qj[k], c) * mix[k];
+          mix[k] = rp;
+          w_j += rp;
+        }
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
+    }
+    gj[y] += target_grad_fix<acc_t>(ce_scale, c);
+  }
+}
+
+// float32 math: one non-template entry per ISA clone, the variants inlined into each.
+DHM_CLONES void row_f32(const RowJob<float>& job, bool smooth, bool two_temps, const float* const* z,
+                        float* const* g, int64_t y, float* out, float* work) {
+  if (smooth) {
+    if (two_temps) compute_row<float, true, true>(job, z, g, y, out, work);
+    else compute_row<float, true, false>(job, z, g, y, out, work);
+  } else {
+    if (two_temps) compute_row<float, false, true>(job, z, g, y, out, work);
+    else compute_row<float, false, false>(job, z, g, y, out, work);
+  }
+}
+
+// float64 (gradcheck and tests): exact library exp/log, no speed goal.
+void row_f64(const RowJob<double>& job, bool smooth, bool two_temps, const double* const* z,
+             double* const* g, int64_t y, double* out, double* work) {
+  if (smooth) {
+    if (two_temps) compute_row<double, true, true>(job, z, g, y, out, work);
+    else compute_row<double, true, false>(job, z, g, y, out, work);
+  } else {
+    if (two_temps) compute_row<double, false, true>(job, z, g, y, out, work);
+    else compute_row<double, false, false>(job, z, g, y, out, work);
+  }
+}
+
+inline void row_dispatch(const RowJob<float>& job, bool smooth, bool two, const float* const* z,
+                         float* const* g, int64_t y, float* out, float* work) {
+  row_f32(job, smooth, two, z, g, y, out, work);
+}
+inline void row_dispatch(const RowJob<double>& job, bool smooth, bool two, const double* const* z,
+                         double* const* g, int64_t y, double* out, double* work) {
+  row_f64(job, smooth, two, z, g, y, out, work);
+}
+
+template <typename scalar_t, typename acc_t>
+LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at::Tensor& target,
+                                const at::Tensor& ce_weights, const at::Tensor& kl_weights,
+                                const CallShape& shape, double temperature, double alpha, double eps,
+                                double label_smoothing, bool compute_grad) {
+  const int heads = shape.heads;
+  const int64_t B = shape.batch, K = shape.classes;
+  const int P = stats_size(heads);
+  const RowConsts<acc_t> consts = make_consts<acc_t>(shape, temperature, alpha, eps, label_smoothing);
+  const at::Tensor ce_w = ce_weights.contiguous(), kl_w = kl_weights.contiguous();
+  const RowJob<acc_t> job{&consts, ce_w.data_ptr<float>(), kl_w.data_ptr<float>(), (K + 15) / 16 * 16};
+  const bool smooth = eps > 0.0, two_temps = temperature != 1.0;
+
+  const at::Tensor tgt = target.contiguous();
+  const int64_t* y = tgt.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(y[b] >= 0 && y[b] < K, "target ", y[b], " at row ", b,
+                      " is outside the class range [0, ", K, ")");
+
+  std::vector<const scalar_t*> x(heads);
+  std::vector<int64_t> stride_row(heads), stride_col(heads);
+  bool direct_in = std::is_same_v<scalar_t, acc_t>;
+  for (int h = 0; h < heads; ++h) {
+    x[h] = logits[h].data_ptr<scalar_t>();
+    stride_row[h] = logits[h].stride(0);
+    stride_col[h] = logits[h].stride(1);
+    direct_in = direct_in && stride_col[h] == 1;
+  }
+  std::vector<at::Tensor> grads;
+  std::vector<scalar_t*> gx(heads, nullptr);
+  for (int h = 0; h < heads; ++h) {
+    grads.push_back(compute_grad ? at::empty({B, K}, logits[h].options())
+                                 : at::empty({0}, logits[h].options()));
+    if (compute_grad) gx[h] = grads.back().data_ptr<scalar_t>();
+  }
+  const bool direct_out = std::is_same_v<scalar_t, acc_t>;
+
+  const int64_t kpad = job.kpad;
+  const int64_t work_size = (2 + (two_temps ? 1 : 0)) * heads * kpad + kpad +
+                            (direct_in ? 0 : heads * kpad) +
+                            (compute_grad && !direct_out ? heads * kpad : 0);
+  std::vector<acc_t> partial(static_cast<size_t>(B) * P);
+  // At least ~32k logits per task: smaller tasks cost more in scheduling than they save.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (heads * K));
+
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<acc_t[]> work(new acc_t[work_size]);
+    acc_t* in_buf = work.get() + (2 + (two_temps ? 1 : 0)) * heads * kpad + kpad;
+    acc_t* out_buf = in_buf + (direct_in ? 0 : heads * kpad);
+    const acc_t* zrow[kMaxHeads];
+    acc_t* grow[kMaxHeads];
+    for (int64_t b = begin; b < end; ++b) {
+      for (int h = 0; h < heads; ++h) {
+        const scalar_t* src = x[h] + b * stride_row[h];
+        if (direct_in) {
+          zrow[h] = reinterpret_cast<const acc_t*>(src);
+        } else {
+          acc_t* dst = in_buf + h * kpad;
+          const int64_t sc = stride_col[h];
+          for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<acc_t>(src[k * sc]);
+          zrow[h] = dst;
+        }
+        if (compute_grad)
+          grow[h] = direct_out ? reinterpret_cast<acc_t*>(gx[h] + b * K) : out_buf + h * kpad;
+      }
+      row_dispatch(job, smooth, two_temps, zrow, compute_grad ? grow : nullptr, y[b],
+                   partial.data() + b * P, work.get());
+      if (compute_grad && !direct_out) {
+        for (int h = 0; h < heads; ++h) {
+          scalar_t* dst = gx[h] + b * K;
+          const acc_t* src = out_buf + h * kpad;
+          for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+        }
+      }
+    }
+  });
+
+  // Batch reduction in a fixed order (row by row, in double): the same bits for any thread count.
+  std::vector<double> mean(P, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int p = 0; p < P; ++p) mean[p] += static_cast<double>(partial[b * P + p]);
+  for (int p = 0; p < heads + heads * heads; ++p) mean[p] /= static_cast<double>(B);
+  const double loss =
+      combine_loss(mean.data(), job.ce_w, job.kl_w, heads, alpha, temperature);
+
+  at::Tensor stats = at::empty({P}, at::TensorOptions().dtype(at::kFloat));
+  float* sp = stats.data_ptr<float>();
+  for (int p = 0; p < P; ++p) sp[p] = static_cast<float>(mean[p]);
+  const auto loss_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  at::Tensor loss_t = at::scalar_tensor(loss, at::TensorOptions().dtype(loss_type));
+  return {loss_t, stats, grads};
+}
+
+LossOutputs fused_loss_cpu(const std::vector<at::Tensor>& logits, const at::Tensor& target,
+                           const at::Tensor& ce_weights, const at::Tensor& kl_weights,
+                           double temperature, double alpha, double eps, double label_smoothing,
+                           bool compute_grad) {
+  const CallShape shape =
+      check_args(logits, target, ce_weights, kl_weights, temperature, eps, label_smoothing);
+  switch (logits[0].scalar_type()) {
+    case at::kFloat:
+      return fused_loss_cpu_impl<float, float>(logits, target, ce_weights, kl_weights, shape,
+                                               temperature, alpha, eps, label_smoothing, compute_grad);
+    case at::kDouble:
+      return fused_loss_cpu_impl<double, double>(logits, target, ce_weights, kl_weights, shape,
+                                                 temperature, alpha, eps, label_smoothing,
+                                                 compute_grad);
+    case at::kHalf:
+      return fused_loss_cpu_impl<at::Half, float>(logits, target, ce_weights, kl_weights, shape,
+                                                  temperature, alpha, eps, label_smoothing,
+                                                  compute_grad);
+    case at::kBFloat16:
+      return fused_loss_cpu_impl<at::BFloat16, float>(logits, target, ce_weights, kl_weights, shape,
+                                                      temperature, alpha, eps, label_smoothing,
+                                                      compute_grad);
+    default:
+      TORCH_CHECK_VALUE(false, "unsupported logits dtype ", logits[0].scalar_type());
+  }
+}
+
+}  // namespace
+}  // namespace dhm
+
+TORCH_LIBRARY_IMPL(dhm_fast, CPU, m) { m.impl("fused_loss", &dhm::fused_loss_cpu); }
