@@ -1,0 +1,187 @@
+"""CIFAR DenseNets (40-12, 100-12, BC-100-12) with DHM branches.
+
+Trunk: ``conv1`` (16 channels, or 2x growth for BC), dense stages ``layer1..layer3`` joined by
+``transition1``/``transition2`` (BN-ReLU-1x1 conv with compression, 2x2 average pool), final ``bn``
++ ReLU, ``fc``. A basic dense layer is ``bn, conv`` (3x3, growth channels); a bottleneck (BC) layer
+is ``bn1, conv1`` (1x1 to 4x growth) ``, bn2, conv2`` (3x3 to growth). Each layer's output is
+concatenated to its input.
+
+Branches (``branch_layers = [[a, b], [c]]``):
+
+* ``aux2`` forks after ``transition1``: ``aux2.layer2`` (``a`` layers), its own
+  ``aux2.transition2``, ``aux2.layer3`` (``b`` layers), ``aux2.bn``, ``aux2.fc``;
+* ``aux1`` forks after ``transition2``: ``aux1.layer3`` (``c`` layers at 3x the growth rate),
+  ``aux1.bn``, ``aux1.fc``.
+
+Dense stages keep the resolution; aux2's own transition gives both branches the last stage's
+resolution, like the main path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .branching import Branch, BranchedNet, global_pool, init_weights
+
+# name -> (bottleneck, depth, growth, compression, branch_layers [[a, b], [c]])
+SPECS: dict[str, tuple[bool, int, int, float, list[list[int]]]] = {
+    "densenet_40_12": (False, 40, 12, 1.0, [[12, 6], [12]]),
+    "densenet_100_12": (False, 100, 12, 1.0, [[16, 16], [32]]),
+    "densenet_bc_100_12": (True, 100, 12, 0.5, [[16, 16], [32]]),
+}
+
+AUX1_GROWTH_FACTOR = 3
+BOTTLENECK_WIDTH = 4  # a BC layer's 1x1 conv outputs 4x the growth rate
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv3x3 producing ``growth`` new channels, concatenated to the input."""
+
+    def __init__(self, in_channels: int, growth: int, dropout: float = 0.0):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels)
+        self.conv = nn.Conv2d(in_channels, growth, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(F.relu(self.bn(x)))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return torch.cat((x, out), 1)
+
+
+class BottleneckLayer(nn.Module):
+    """BN-ReLU-conv1x1 (4x growth) then BN-ReLU-conv3x3 (growth), concatenated to the input."""
+
+    def __init__(self, in_channels: int, growth: int, dropout: float = 0.0):
+        super().__init__()
+        width = BOTTLENECK_WIDTH * growth
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, growth, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1(F.relu(self.bn1(x)))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        out = self.conv2(F.relu(self.bn2(out), inplace=True))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return torch.cat((x, out), 1)
+
+
+class Transition(nn.Module):
+    """BN-ReLU-conv1x1 (compression) then 2x2 average pooling."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels)
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(F.relu(self.bn(x)))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return F.avg_pool2d(out, 2, 2, ceil_mode=True)
+
+
+class _Builder:
+    """Tracks the running channel count while stages are appended (dense stages grow it)."""
+
+    def __init__(self, layer: type[DenseLayer] | type[BottleneckLayer], compression: float, dropout: float):
+        self.layer, self.compression, self.dropout = layer, compression, dropout
+
+    def stage(self, channels: int, layers: int, growth: int) -> tuple[nn.Sequential, int]:
+        mods = []
+        for _ in range(layers):
+            mods.append(self.layer(channels, growth, self.dropout))
+            channels += growth
+        return nn.Sequential(*mods), channels
+
+    def transition(self, channels: int) -> tuple[Transition, int]:
+        out = int(math.floor(channels * self.compression))
+        return Transition(channels, out, self.dropout), out
+
+
+class DenseNet(BranchedNet):
+    """A three-stage CIFAR DenseNet trunk with the DHM deep (aux1) and shallow (aux2) branches."""
+
+    def __init__(
+        self,
+        bottleneck: bool,
+        depth: int,
+        growth: int,
+        compression: float,
+        branch_layers: list[list[int]],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        with_branches: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        per_layer_convs = 2 if bottleneck else 1
+        if (depth - 4) % (3 * per_layer_convs):
+            raise ValueError(f"DenseNet depth {depth} does not split into three equal dense stages")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        n = (depth - 4) // (3 * per_layer_convs)
+        mk = _Builder(BottleneckLayer if bottleneck else DenseLayer, compression, dropout)
+
+        c = 2 * growth if bottleneck else 16
+        self.conv1 = nn.Conv2d(in_channels, c, 3, 1, 1, bias=False)
+        self.layer1, c = mk.stage(c, n, growth)
+        self.transition1, c = mk.transition(c)
+        c_shallow = c
+        self.layer2, c = mk.stage(c, n, growth)
+        self.transition2, c = mk.transition(c)
+        c_deep = c
+        self.layer3, c = mk.stage(c, n, growth)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+
+        if with_branches:
+            (a, b), (k,) = branch_layers
+            layer2, c = mk.stage(c_shallow, a, growth)
+            transition2, c = mk.transition(c)
+            layer3, c = mk.stage(c, b, growth)
+            aux2 = Branch(
+                {"layer2": layer2, "transition2": transition2, "layer3": layer3},
+                nn.Linear(c, num_classes),
+                norm=nn.BatchNorm2d(c),
+            )
+            layer3, c = mk.stage(c_deep, k, AUX1_GROWTH_FACTOR * growth)
+            aux1 = Branch({"layer3": layer3}, nn.Linear(c, num_classes), norm=nn.BatchNorm2d(c))
+            self.set_branches(aux1, aux2)
+        init_weights(self)
+
+    def forward_trunk(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        shallow = self.transition1(self.layer1(self.conv1(x)))
+        deep = self.transition2(self.layer2(shallow))
+        return shallow, deep, self.layer3(deep)
+
+    def forward_main(self, x: Tensor) -> Tensor:
+        return self.fc(global_pool(F.relu(self.bn(x))))
+
+
+def build(
+    arch: str, num_classes: int, in_channels: int, with_branches: bool, dropout: float = 0.0
+) -> DenseNet:
+    bottleneck, depth, growth, compression, branch_layers = SPECS[arch]
+    return DenseNet(
+        bottleneck,
+        depth,
+        growth,
+        compression,
+        branch_layers,
+        num_classes,
+        in_channels,
+        with_branches,
+        dropout,
+    )
