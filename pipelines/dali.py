@@ -123,8 +123,8 @@ class DaliLoader:
         self.start_batch = 0
         self._pipe = None
 
-    def __len__(self) -> int:
-        return num_batches(self.num_samples, self.batch_size, self.drop_last) - self.start_batch
+    def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch

@@ -147,6 +147,7 @@ class FfcvLoader:
         n = int(reader.num_samples)
         self.num_samples = shard_size(n, rank=config.rank, world_size=config.world_size, shuffle=train)
         self.normalize = Normalizer(channels_last=config.channels_last)
+        self.epoch = 0
 
         size = (config.image_size, config.image_size)
         fraction = config.image_size / config.val_resize
@@ -176,16 +177,18 @@ class FfcvLoader:
         self._loader.traversal_order = self._order
         self._loader.first_traversal_order = self._order.sample_order(0)
 
-    def __len__(self) -> int:
-        skipped_batches = self._order.skip // self.batch_size
-        return num_batches(self.num_samples, self.batch_size, self.drop_last) - skipped_batches
+    def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self._loader.next_epoch = epoch
+        self.epoch = epoch
         self._order.skip = start_batch * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if len(self) == 0:
+        # FFCV advances its epoch on every pass; here, as in every backend, set_epoch decides.
+        self._loader.next_epoch = self.epoch
+        if len(self) == 0 or len(self._order.sample_order(self.epoch)) == 0:
+            self._order.skip = 0
             return
         threads = torch.get_num_threads()
         epoch_iter = iter(self._loader)

@@ -128,9 +128,8 @@ class FolderLoader:
             prefetch_factor=4 if config.num_workers > 0 else None,
         )
 
-    def __len__(self) -> int:
-        skipped_batches = self.sampler.skip // self.batch_size
-        return num_batches(self.num_samples, self.batch_size, self.drop_last) - skipped_batches
+    def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch = epoch

@@ -46,8 +46,8 @@ class SyntheticLoader:
             self.pool.append((images.contiguous(memory_format=fmt), labels))
         self.start_batch = 0
 
-    def __len__(self) -> int:
-        return self.num_batches - self.start_batch
+    def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
+        return self.num_batches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.start_batch = start_batch  # the pool is fixed: epochs differ in nothing else

@@ -36,7 +36,7 @@ def test_synthetic_batches_come_from_a_fixed_device_pool():
     other, _ = create_synthetic_loaders(cfg)
     assert not torch.equal(next(iter(other))[0], batches[0][0])
     train.set_epoch(1, start_batch=5)
-    assert len(train) == 2 and len(list(train)) == 2 and len(train) == 7
+    assert len(list(train)) == 2 and len(list(train)) == 7 and len(train) == 7
     train.close()
 
 
