@@ -132,7 +132,7 @@ def bench_jpeg(root: Path, workers: int, seconds: float, batch_size: int, out_di
         if not (beton_dir / "train.beton").is_file():
             t0 = time.perf_counter()
             convert(str(root), str(beton_dir), write_mode=mode, jpeg_quality=90, compress_probability=0.5,
-                    num_workers=workers, splits=("train",))
+                    num_workers=workers, splits=("train",), cache_dir=str(out_dir / "cache"))
             print(f"{name} conversion: {time.perf_counter() - t0:.1f} s")
         cfg.train_beton = cfg.val_beton = str(beton_dir / "train.beton")
         train, _ = create_ffcv_loaders(cfg)

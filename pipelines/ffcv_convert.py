@@ -101,7 +101,7 @@ def convert(data_dir: str, out_dir: str, *, max_resolution: int | None = None, j
             write_mode: str = "proportion", compress_probability: float = 0.5,
             smart_threshold: int | None = None, num_workers: int | None = None, strict: bool = False,
             validation: str = "header", splits: tuple[str, ...] = ("train", "val"),
-            page_size: int | None = None) -> dict[str, Path]:
+            page_size: int | None = None, cache_dir: str | None = None) -> dict[str, Path]:
     """Write OUT/<split>.beton for each split plus OUT/classes.txt; returns the written paths."""
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in [1, 100], got {jpeg_quality}")
@@ -109,7 +109,7 @@ def convert(data_dir: str, out_dir: str, *, max_resolution: int | None = None, j
         raise ValueError(f"--max-resolution must be at least 8, got {max_resolution}")
     if not 0.0 <= compress_probability <= 1.0:
         raise ValueError(f"--compress-probability must be in [0, 1], got {compress_probability}")
-    train, val = scan_imagefolder(data_dir, strict=strict, mode=validation)
+    train, val = scan_imagefolder(data_dir, strict=strict, mode=validation, cache_dir=cache_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("".join(c + "\n" for c in train.classes), encoding="utf-8")
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--page-size", type=int, default=None, help="FFCV page size in bytes (a power of 2)")
     p.add_argument("--validation", choices=VALIDATION_MODES, default="header",
                    help="check file headers (fast) or decode every file first (full)")
+    p.add_argument("--cache-dir", default=None, help="validation cache folder (default ~/.cache/dhm_fast)")
     p.add_argument("--strict-data", action="store_true",
                    help="stop at the first bad file instead of skipping it")
     args = p.parse_args(argv)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                           compress_probability=args.compress_probability,
                           smart_threshold=args.smart_threshold,
                           num_workers=args.num_workers, strict=args.strict_data, validation=args.validation,
-                          splits=tuple(args.splits), page_size=args.page_size)
+                          splits=tuple(args.splits), page_size=args.page_size, cache_dir=args.cache_dir)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

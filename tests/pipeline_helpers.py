@@ -113,7 +113,8 @@ def _ffcv_files(root) -> tuple[str, str]:
         from pipelines.ffcv_convert import convert
 
         out = root.parent / (root.name + "-ffcv")
-        written = convert(str(root), str(out), write_mode="raw", num_workers=1, page_size=1 << 21)
+        written = convert(str(root), str(out), write_mode="raw", num_workers=1, page_size=1 << 21,
+                          cache_dir=str(out / "validation-cache"))
         _betons[key] = (str(written["train"]), str(written["val"]))
     return _betons[key]
 

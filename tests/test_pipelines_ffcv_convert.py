@@ -21,6 +21,11 @@ Compiler.set_enabled(False)
 TINY_PAGE = 1 << 21  # FFCV's smallest page keeps test files small
 
 
+@pytest.fixture(autouse=True)
+def private_validation_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # keep ~/.cache clean
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_imagefolder(tmp_path_factory.mktemp("conv"), num_classes=3, train_per_class=4,
@@ -148,7 +153,8 @@ def test_cli_writes_files_and_reports_errors_in_one_line(dataset, tmp_path, caps
     assert main(["--data-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "does not exist" in err and "\n" not in err
-    assert main(["--data-dir", str(dataset.root), "--out", str(out), "--jpeg-quality", "0"]) == 2
+    assert main(["--data-dir", str(dataset.root), "--out", str(out), "--jpeg-quality", "0",
+                 "--cache-dir", str(tmp_path / "vc")]) == 2
 
 
 def test_page_size_fits_the_largest_raw_image():
