@@ -1,0 +1,88 @@
+"""FLOPs of a training step, counted by torch.utils.flop_counter, per active-branch pattern.
+
+FlopCounterMode counts matrix products and convolutions (forward and backward), i.e. the
+arithmetic that dominates a CNN; element-wise work (BN, ReLU, pooling, the optimizer) is not
+counted. One multiply-add is 2 FLOPs. Counts are linear in the batch, so a batch of 2 is enough
+and a model built on the "meta" device costs no memory and almost no time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dhm_fast.losses import dhm_loss
+
+Pattern = tuple[bool, ...]
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Total FLOPs that `fn()` performs (forward and any backward it runs)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def step_flops(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    active: Pattern,
+    loss_kwargs: dict,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[int, int]:
+    """(forward FLOPs, forward + loss + backward FLOPs) per image of one training step."""
+    batch = images.shape[0]
+    model.train()
+
+    def forward() -> None:
+        with torch.no_grad(), autocast():
+            model(images, active=active)
+
+    def train_step() -> None:
+        with autocast():
+            outputs = model(images, active=active)
+        loss = dhm_loss(outputs, labels, active=active, **loss_kwargs)
+        loss.backward()
+
+    fwd = count_flops(forward)
+    total = count_flops(train_step)
+    model.zero_grad(set_to_none=True)
+    return fwd // batch, total // batch
+
+
+def patterns(num_heads: int) -> list[Pattern]:
+    """Every active-head pattern a sampler can draw (the main head is always on)."""
+    return [(True, *rest) for rest in itertools.product((True, False), repeat=num_heads - 1)]
+
+
+def pattern_probability(pattern: Pattern, branch_probs: Sequence[float]) -> float:
+    """Probability of `pattern` when branch k is on independently with probability branch_probs[k]."""
+    return math.prod(p if on else 1.0 - p for on, p in zip(pattern[1:], branch_probs, strict=True))
+
+
+def expected(values: dict[Pattern, float], branch_probs: Sequence[float]) -> float:
+    """Expectation of a per-pattern quantity under independent Bernoulli branch sampling."""
+    return sum(pattern_probability(pat, branch_probs) * v for pat, v in values.items())
+
+
+def model_step_flops(arch: str, method: str, image_size: int, num_classes: int = 1000,
+                     in_channels: int = 3, branch_prob: float = 1.0) -> float:
+    """Expected training-step FLOPs per image of `arch` trained with `method`, counted on "meta"."""
+    from dhm_fast.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(arch, num_classes, method=method, in_channels=in_channels)
+        images = torch.empty(2, in_channels, image_size, image_size)
+        labels = torch.zeros(2, dtype=torch.long)
+    kwargs = {"method": method}
+    if model.num_heads == 1 or branch_prob >= 1.0:
+        return float(step_flops(model, images, labels, (True,) * model.num_heads, kwargs)[1])
+    per = {pat: float(step_flops(model, images, labels, pat, kwargs)[1]) for pat in patterns(model.num_heads)}
+    return expected(per, [branch_prob] * (model.num_heads - 1))
