@@ -42,10 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="dataset folder (Fashion-MNIST: the four IDX .gz files, default "
                    "/usr/share/datasets/fashion-mnist; CIFAR: the python release; ImageNet: train/ and val/)")
     g.add_argument("--loader", choices=LOADERS, help="data backend; auto picks the fastest available")
+    g.add_argument("--train-beton", help="FFCV training file (python -m pipelines.ffcv_convert writes it)")
+    g.add_argument("--val-beton", help="FFCV validation file")
+    g.add_argument("--data-validation", choices=("header", "full"), help="image-folder check before training: "
+                   "header (fast) or full (decode every file once)")
     g.add_argument("--train-subset", type=int, help="train on the first N training images only")
     g.add_argument("--num-workers", type=int, help="loader worker processes / threads")
     g.add_argument("--strict-data", action=bool_flag, help="fail on the first corrupt image instead of skipping it")
     g.add_argument("--image-size", type=int, help="train/val crop size for ImageNet-style data")
+    g.add_argument("--val-resize", type=int, help="shorter side before the validation centre crop")
     g.add_argument("--dropout", type=float, help="dropout in wide-ResNet blocks")
 
     g = p.add_argument_group("optimisation")

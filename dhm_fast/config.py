@@ -27,10 +27,14 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     loader: str = "auto"
+    train_beton: str | None = None  # FFCV files (pipelines.ffcv_convert writes them)
+    val_beton: str | None = None
+    data_validation: str = "header"  # folder datasets: "header" (fast) or "full" (decode every file)
     train_subset: int | None = None  # first N training images (quick protocols)
     num_workers: int = 2
     strict_data: bool = False
     image_size: int = 224  # ImageNet-style crops
+    val_resize: int = 256  # shorter side before the validation centre crop
     no_scale_aug_methods: list[str] = field(default_factory=list)  # recipe switch (REFERENCE.md §4)
     dropout: float = 0.0
     # optimisation

@@ -63,7 +63,8 @@ def train_one_epoch(
     max_steps: int | None = None,
     log_every: int = 50,
     on_log: Callable[[dict], None] | None = None,
-    on_step: Callable[[Progress], None] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> bool:
     """Train until the loader's epoch ends (True) or `max_steps` is reached (False)."""
     model, optimizer = parts.model, parts.optimizer
@@ -72,6 +73,7 @@ def train_one_epoch(
     t0, seen = time.perf_counter(), 0
     for images, labels in loader:
         if max_steps is not None and progress.step >= max_steps:
+            _raise_if_bad(bad_step)
             return False
         in_epoch = progress.step - progress.epoch * steps_per_epoch
         epoch_progress = progress.epoch + in_epoch / steps_per_epoch
@@ -107,8 +109,9 @@ def train_one_epoch(
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 on_log({"step": progress.step, "loss": meter.loss_sum.item() / max(meter.samples, 1),
                         "lr": lr, "img_per_s": rate})
-        if on_step is not None:
-            on_step(progress)
+        if checkpoint_every and on_checkpoint is not None and progress.step % checkpoint_every == 0:
+            _raise_if_bad(bad_step)  # never checkpoint a diverged model
+            on_checkpoint()
     _raise_if_bad(bad_step)
     return True
 

@@ -188,10 +188,10 @@ def dhm_loss(
     h = len(logits)
     if h == 0:
         raise ValueError("dhm_loss needs at least one head's logits")
-    present = [x is not None for x in logits]
-    act = [p and (active is None or bool(active[i])) for i, p in enumerate(present)]
     if active is not None and len(active) != h:
         raise ValueError(f"active has {len(active)} entries for {h} heads")
+    present = [x is not None for x in logits]
+    act = [p and (active is None or bool(active[i])) for i, p in enumerate(present)]
     if not act[0]:
         raise ValueError("the main head (index 0) must be active")
     ce_w, kl_w = mimic_weights(h, method, direction, act, ce_weights, kl_weights)

@@ -69,10 +69,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def loader_config(cfg: TrainConfig, device: torch.device) -> LoaderConfig:
     return LoaderConfig(
-        backend=cfg.loader, dataset=cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size,
-        device=str(device), channels_last=cfg.channels_last, seed=cfg.seed, num_workers=cfg.num_workers,
-        image_size=cfg.image_size, scale_aug=cfg.method not in cfg.no_scale_aug_methods,
-        train_subset=cfg.train_subset, strict_data=cfg.strict_data,
+        backend=cfg.loader, dataset=cfg.dataset, data_dir=cfg.data_dir, train_beton=cfg.train_beton,
+        val_beton=cfg.val_beton, batch_size=cfg.batch_size, device=str(device), channels_last=cfg.channels_last,
+        seed=cfg.seed, num_workers=cfg.num_workers, image_size=cfg.image_size, val_resize=cfg.val_resize,
+        scale_aug=cfg.method not in cfg.no_scale_aug_methods, train_subset=cfg.train_subset,
+        strict_data=cfg.strict_data, validation=cfg.data_validation,
     )
 
 
@@ -201,13 +202,10 @@ class Run:
         def on_log(info: dict) -> None:
             bar.set_postfix(loss=f"{info['loss']:.3f}", lr=f"{info['lr']:.4f}", img_s=f"{info['img_per_s']:.0f}")
 
-        def on_step(progress: Progress) -> None:
-            if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
-                self.save()
-
         finished = train_one_epoch(
             self.parts, bar, p, self.meter, steps_per_epoch=self.steps_per_epoch, max_steps=cfg.max_steps,
-            log_every=cfg.log_every_steps, on_log=on_log, on_step=on_step,
+            log_every=cfg.log_every_steps, on_log=on_log, checkpoint_every=cfg.save_every_steps,
+            on_checkpoint=self.save,
         )
         bar.close()
         if not finished:
@@ -237,6 +235,7 @@ class Run:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves(p.history, self.out / "curves.png", f"{cfg.arch} / {cfg.method} / {cfg.dataset}")
+        _report_skipped(self.train_loader, self.val_loader)
         heads = "  ".join(f"{n} {h['top1']:.2f}%" for n, h in val["heads"].items())
         log(f"epoch {p.epoch}/{cfg.epochs}: train loss {record['train']['loss']:.4f}, "
             f"{record['train_img_per_s']:.0f} img/s; val top-1 {heads}")
@@ -255,6 +254,15 @@ class Run:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _report_skipped(*loaders) -> None:
+    """Corrupt files never stop a run, but they are never silent either."""
+    for loader in loaders:
+        skipped = getattr(loader, "skipped", None) or []
+        if skipped:
+            log(f"{loader.name}: {len(skipped)} unreadable file(s) skipped so far, e.g. "
+                + "; ".join(f"{path} ({why})" for path, why in skipped[:5]))
 
 
 def _set_epoch(loader, epoch: int, start_batch: int) -> None:

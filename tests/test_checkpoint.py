@@ -1,0 +1,83 @@
+"""Checkpoints: atomic writes that survive a crash, weights-only loading, clear errors."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from dhm_fast import checkpoint
+from dhm_fast.errors import UserError
+
+
+def test_round_trip(tmp_path):
+    obj = {"model": {"w": torch.randn(3, 4)}, "step": 5, "history": [{"a": 1.5, "b": None}]}
+    checkpoint.save_atomic(obj, tmp_path / "last.pt")
+    back = checkpoint.load(tmp_path / "last.pt")
+    assert torch.equal(back["model"]["w"], obj["model"]["w"]) and back["history"] == obj["history"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1, "w": torch.ones(2)}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk yanked")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk yanked"):
+        checkpoint.save_atomic({"step": 2, "w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_crash_before_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(UserError, match="refusing to load .*evil.pt: not a weights-only checkpoint"):
+        checkpoint.load(path)
+
+
+def test_truncated_and_missing_files_get_one_line(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"w": torch.randn(100)}, path)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(UserError, match="unreadable or truncated"):
+        checkpoint.load(path)
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.load(tmp_path / "nope.pt")
+
+
+def test_weights_of_another_architecture_are_named():
+    from dhm_fast.models import create_model
+
+    model = create_model("resnet20", 10, method="dhm", in_channels=1)
+    other = create_model("resnet32", 10, method="dhm", in_channels=1).state_dict()
+    with pytest.raises(UserError, match="does not fit a resnet20"):
+        checkpoint.load_model_weights(model, other, "ckpt.pt", "resnet20")
+
+
+def test_rng_state_round_trips(tmp_path):
+    checkpoint.save_atomic({"rng": checkpoint.rng_state()}, tmp_path / "r.pt")
+    a = torch.rand(3)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "r.pt")["rng"])
+    assert torch.equal(torch.rand(3), a)
