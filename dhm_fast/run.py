@@ -288,5 +288,7 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
 
         state = from_release(state, cfg.arch)
     model = build_model(cfg, val_loader.num_classes, val_loader.in_channels, device)
+    if model.num_heads == 1:  # evaluating the inference network: branch weights are not needed
+        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
     checkpoint.load_model_weights(model, state, cfg.weights, f"{cfg.arch} ({cfg.method})")
     return evaluate(model, val_loader, model.num_heads, autocast, device, head_names=model.head_names)

@@ -158,7 +158,7 @@ class DaliLoader:
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     raise RuntimeError(
                         f"DALI failed on a batch of {self.images.root} ({first}); a file that passed the "
-                        "header check does not decode: run with --validation full to find and skip it"
+                        "header check does not decode: run with --data-validation full to find and skip it"
                     ) from e
                 images, labels = batch["images"], batch["labels"].view(-1).long()
                 if self.config.channels_last:
