@@ -55,6 +55,7 @@ SCHEMA = "dhm_fast.throughput/1"
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_VARIANTS = "baseline,dsl,dks,dhm,dhm-p0.5"
 LOADERS = ("synthetic", "memory", "torchvision", "dali", "ffcv", "auto")
+OPTIMIZER_IMPLS = ("trainer", "fused", "foreach")
 # Targets of issue 6, checked on every run and reported (never asserted).
 TARGET_TIME_OVER_FLOPS = 1.10  # DHM time ratio / FLOP ratio, both against the baseline
 TARGET_LOSS_SHARE = 0.02  # loss forward + backward over a DHM step
@@ -120,6 +121,7 @@ class BenchConfig:
     loss_iters: int | None = None  # isolated loss timings per block (default: = steps)
     threads: int | None = None
     reference_loss: bool = False
+    optimizer_impl: str = "trainer"  # trainer (dhm_fast.optim as is) | fused | foreach
     profile: bool = False
     profile_steps: int = 3
     out: str = "bench_out/throughput"
@@ -150,6 +152,9 @@ class BenchConfig:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(MODEL_NAMES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise ValueError(f"unknown optimizer implementation {self.optimizer_impl!r}; choose one of "
+                             f"{', '.join(OPTIMIZER_IMPLS)}")
         if self.loader not in LOADERS:
             raise ValueError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
 
@@ -258,6 +263,8 @@ def build_bench(variant: Variant, cfg: BenchConfig, source: BatchSource, device:
     # lr 0.1 could drive a long benchmark to NaN (which would also slow some CPUs down).
     train_cfg = TrainConfig(arch=cfg.arch, method=variant.method, lr=0.01, branch_prob=variant.branch_prob)
     optimizer = build_optimizer(model, train_cfg, device)
+    if cfg.optimizer_impl != "trainer":
+        optimizer = with_implementation(optimizer, cfg.optimizer_impl)
     net = torch.compile(model) if cfg.compile else model
     parts = StepParts(
         model=net, optimizer=optimizer,
@@ -268,6 +275,13 @@ def build_bench(variant: Variant, cfg: BenchConfig, source: BatchSource, device:
                          reference=cfg.reference_loss),
     )
     return Bench(variant, model, parts, Progress(), TrainMeter(model.num_heads, device))
+
+
+def with_implementation(optimizer: torch.optim.SGD, impl: str) -> torch.optim.SGD:
+    """The same SGD (groups, hyperparameters) with torch's fused or foreach kernels, to compare."""
+    keys = ("params", "lr", "momentum", "dampening", "weight_decay", "nesterov")
+    groups = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
+    return torch.optim.SGD(groups, **{impl: True})
 
 
 def run_block(bench: Bench, source: BatchSource, steps: int, device: torch.device) -> list[float]:
@@ -433,7 +447,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     source = BatchSource(cfg, device)
     images, _ = source.next()
-    cfg.image_size = int(images.shape[-1])  # a real loader decides the resolution
+    # A real loader decides the resolution, classes and channels.
+    cfg.image_size = int(images.shape[-1])
+    cfg.num_classes, cfg.in_channels = source.num_classes, source.in_channels
     log(f"{cfg.arch} at {tuple(images.shape[1:])}, batch {cfg.batch_size}, {cfg.precision}, "
         f"{'channels_last' if cfg.channels_last else 'NCHW'}, compile {'on' if cfg.compile else 'off'}, "
         f"{device} ({device_name(device)}), data: {source.name}, loss: {loss_backend(cfg, device)}")
@@ -560,7 +576,8 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
         del row["_block"], row["_realised"]
     return {
         "schema": SCHEMA,
-        "config": {**dataclasses.asdict(cfg), "device": str(device), "loader": loader_name},
+        "config": {**dataclasses.asdict(cfg), "device": str(device), "loader": loader_name,
+                   "optimizer_kernels": optimizer_kernels(base.parts.optimizer)},
         "environment": environment(device),
         "loss_backend": loss_backend(cfg, device),
         "methods": rows,
@@ -609,6 +626,11 @@ def evaluate_targets(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def optimizer_kernels(optimizer: torch.optim.Optimizer) -> str:
+    d = optimizer.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+
+
 def pattern_name(p: Pattern) -> str:
     return "+".join(n for n, on in zip(("main", "aux1", "aux2", "aux3"), p, strict=False) if on)
 
@@ -653,7 +675,7 @@ def format_table(result: dict[str, Any]) -> str:
     c = result["config"]
     fmt = "channels_last" if c["channels_last"] else "NCHW"
     head = (f"{c['arch']} @ {c['image_size']}px, batch {c['batch_size']}, {c['precision']}, "
-            f"{fmt}, compile {'on' if c['compile'] else 'off'}, "
+            f"{fmt}, compile {'on' if c['compile'] else 'off'}, SGD {c['optimizer_kernels']}, "
             f"{c['device']} ({result['environment']['device_name']}), loss {result['loss_backend']}, "
             f"{c['repeats']} repeats x {c['steps']} steps")
     cols = ("variant", "img/s [IQR]", "step ms (IQR)", "GFLOP/img", "FLOP x", "time x [IQR]", "time/FLOP",
@@ -749,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--reference-loss", action="store_true",
                    help="use the plain-PyTorch loss, not the fused op")
+    p.add_argument("--optimizer-impl", default=d.optimizer_impl, choices=OPTIMIZER_IMPLS,
+                   help="SGD kernels: the trainer's choice (dhm_fast.optim), or force fused / foreach")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace per variant")
     p.add_argument("--profile-steps", type=int, default=d.profile_steps)
     p.add_argument("--out", default=d.out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 
@@ -103,6 +104,34 @@ def test_profile_writes_a_chrome_trace(tmp_path):
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"forward", "loss", "backward", "optimizer"} <= names
     assert (tmp_path / "profile_baseline.txt").read_text().strip()
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FASHION_MNIST), reason="needs Debian's dataset-fashion-mnist")
+def test_quick_run_end_to_end_with_a_real_loader(tmp_path):
+    argv = ["--arch", "resnet20", "--loader", "memory", "--dataset", "fashion-mnist", "--batch-size", "4",
+            "--methods", "dhm", "--threads", "1", "--quick", "--out", str(tmp_path)]
+    assert throughput.main(argv) == 0
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["config"]["loader"] == "memory" and data["config"]["image_size"] == 28
+    assert [r["name"] for r in data["methods"]] == ["baseline", "dhm"]
+    assert data["config"]["num_classes"] == 10
+
+
+def test_optimizer_implementation_override_keeps_the_hyperparameters():
+    model = nn.Linear(3, 2)
+    groups = [{"params": [model.weight], "weight_decay": 1e-4}, {"params": [model.bias], "weight_decay": 0.0}]
+    trainer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True, foreach=True)
+    fused = throughput.with_implementation(trainer, "fused")
+    assert fused.defaults["fused"] and throughput.optimizer_kernels(fused) == "fused"
+    assert throughput.optimizer_kernels(trainer) == "foreach"
+    for a, b in zip(trainer.param_groups, fused.param_groups, strict=True):
+        for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov"):
+            assert a[key] == b[key]
+        assert a["params"] == b["params"]
 
 
 @pytest.mark.parametrize("argv, message", [
