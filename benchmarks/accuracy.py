@@ -21,6 +21,7 @@ On a shared CPU, one thread per run is several times faster than torch's default
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -89,7 +90,7 @@ def train_command(args: argparse.Namespace, variant: str, seed: int, out: Path) 
     return cmd + VARIANTS[variant][1] + shlex.split(args.extra) + ["--out", str(out)]
 
 
-def run_once(args: argparse.Namespace, variant: str, seed: int) -> dict:
+def run_once(args: argparse.Namespace, variant: str, seed: int, bench_command: str) -> dict:
     """Train one (variant, seed), or reuse a finished run of the same command; return its record."""
     rel = args.runs / args.name / variant / f"seed{seed}"  # as train.py sees it (cwd: the repository)
     cmd = train_command(args, variant, seed, rel)
@@ -101,7 +102,8 @@ def run_once(args: argparse.Namespace, variant: str, seed: int) -> dict:
     done = summary_path.is_file() and not json.loads(summary_path.read_text())["stopped_early"]
     if not done:
         out.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"command": cmd}))
+        if not stamp.is_file():
+            stamp.write_text(json.dumps({"command": cmd, "benchmark": bench_command}))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         t0 = time.perf_counter()
         with open(out / "train_output.txt", "a") as f:
@@ -112,15 +114,17 @@ def run_once(args: argparse.Namespace, variant: str, seed: int) -> dict:
             return {"variant": variant, "seed": seed, "error": f"exit code {proc.returncode}, see "
                     f"{out / 'train_output.txt'}", "command": _shell(cmd)}
         (out / "bench_wall.json").write_text(json.dumps({"wall_seconds": wall}))
-    return {**read_run(out, variant, seed, cmd), "reused": done}
+    return {**read_run(out, variant, seed), "reused": done}
 
 
-def read_run(out: Path, variant: str, seed: int, cmd: list[str]) -> dict:
+def read_run(out: Path, variant: str, seed: int) -> dict:
+    stamp = json.loads((out / "bench_command.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     final = log[-1]
     wall_file = out / "bench_wall.json"
     return {
-        "variant": variant, "seed": seed, "command": _shell(cmd), "epochs": len(log),
+        "variant": variant, "seed": seed, "command": _shell(stamp["command"]),
+        "benchmark_command": stamp.get("benchmark"), "epochs": len(log),
         "main_top1": final["val"]["heads"]["main"]["top1"],
         "heads_top1": {h: v["top1"] for h, v in final["val"]["heads"].items()},
         "best_main_top1": max(r["val"]["heads"]["main"]["top1"] for r in log),
@@ -153,12 +157,30 @@ def aggregate(records: list[dict], variants: list[str]) -> dict[str, dict]:
     return table
 
 
-def write_results(args: argparse.Namespace, records: list[dict], variants: list[str], command: str) -> Path:
+def collect_finished(args: argparse.Namespace) -> list[dict]:
+    """Every finished run under <runs>/<name>, whichever benchmark invocation trained it: two
+    invocations sharing a name (e.g. the main methods and the investigation) make one table."""
+    root = args.runs if args.runs.is_absolute() else ROOT / args.runs
+    found = []
+    for variant in VARIANTS:
+        for out in sorted((root / args.name / variant).glob("seed*")):
+            summary = out / "summary.json"
+            if (out / "bench_command.json").is_file() and summary.is_file() \
+                    and not json.loads(summary.read_text())["stopped_early"]:
+                found.append(read_run(out, variant, int(out.name[len("seed"):])))
+    return found
+
+
+def write_results(args: argparse.Namespace, errors: list[dict], command: str) -> Path:
+    records = collect_finished(args) + errors
+    present = {r["variant"] for r in records}
+    variants = args.variant_list + [v for v in VARIANTS if v in present and v not in args.variant_list]
     table = aggregate(records, variants)
     base = args.results / f"accuracy-{args.name}"
     base.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": command, "protocol": protocol(args), "variants": table,
+        "benchmark_commands": sorted({r["benchmark_command"] for r in records if r.get("benchmark_command")}),
         "runs": sorted(records, key=lambda r: (variants.index(r["variant"]), r["seed"])),
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor(), "threads_per_run": args.threads, "jobs": args.jobs},
@@ -190,7 +212,7 @@ def markdown(payload: dict) -> str:
         f"lr x0.1 at epochs {', '.join(map(_num, p['milestones'])) or '(none)'}; "
         f"amp {p['amp']}{'; extra flags ' + p['extra'] if p['extra'] else ''}. Score: {p['score']} (%).",
         "",
-        f"Command: `{payload['command']}`",
+        "Produced by: " + "; ".join(f"`{c}`" for c in payload["benchmark_commands"] or [payload["command"]]),
         "",
         "| variant | what | runs | main top-1 mean ± std | per seed | aux1 / aux2 mean | min/run |",
         "|---|---|---|---|---|---|---|",
@@ -303,7 +325,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if v not in names:
                 names.append(v)
     args.variant_list = names
-    args.name = args.name or ("quick" if args.quick else f"e{args.epochs}-n{args.train_subset}-{args.amp}")
+    if not args.name:
+        args.name = "quick" if args.quick else f"e{args.epochs}-n{args.train_subset}-{args.amp}"
+        if args.extra:  # other flags, another protocol: keep its runs apart
+            args.name += "-x" + hashlib.sha1(args.extra.encode()).hexdigest()[:8]
     return args
 
 
@@ -320,10 +345,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(job: tuple[str, int]) -> None:
         variant, seed = job
-        record = run_once(args, variant, seed)
+        record = run_once(args, variant, seed, command)
         with lock:
             records.append(record)
-            write_results(args, records, args.variant_list, command)
+            write_results(args, [r for r in records if "error" in r], command)
             status = record.get("error") or (f"main top-1 {record['main_top1']:.2f}%"
                                              + (" (reused)" if record["reused"] or not record["wall_seconds"]
                                                 else f" in {record['wall_seconds'] / 60:.1f} min"))
@@ -331,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, jobs))
-    base = write_results(args, records, args.variant_list, command)
+    base = write_results(args, [r for r in records if "error" in r], command)
     print(base.with_suffix(".md").read_text())
     print(f"wrote {base}.json, .md and .png")
     return 0
