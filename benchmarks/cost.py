@@ -186,7 +186,7 @@ def format_gpu_table(rows: list[dict[str, Any]], run: dict[str, Any], method: st
             f"{method}, {run['epochs']:g} epochs x {run['dataset_size']:,} images): published ResNet-50 "
             f"training img/s / {rows[0]['flop_scale']:.2f} (training FLOPs relative to ResNet-50)")
     cols = f"{'GPU':<11}{'prec':<6}{'R50 img/s':>10}{'est img/s':>10}{'1 GPU wall':>16}{'8 GPUs wall':>16}" \
-           f"{'8-GPU eff':>10}{'GPU-hours':>11}"
+           f"{'8-GPU eff':>10}{'GPU-h (8)':>11}"
     has_cost = rows[0]["one_gpu"]["cost"] is not None
     if has_cost:
         cols += f"{'cost (8)':>12}"

@@ -281,7 +281,16 @@ def with_implementation(optimizer: torch.optim.SGD, impl: str) -> torch.optim.SG
     """The same SGD (groups, hyperparameters) with torch's fused or foreach kernels, to compare."""
     keys = ("params", "lr", "momentum", "dampening", "weight_decay", "nesterov")
     groups = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
-    return torch.optim.SGD(groups, **{impl: True})
+    sgd = torch.optim.SGD(groups, **{impl: True})
+    if impl == "fused":
+        # torch's fused SGD (2.14) raises TypeError when a parameter gets its first gradient after
+        # others have momentum buffers: exactly a DHM branch first drawn after step 0. Zero buffers
+        # up front avoid it and change nothing (with dampening 0, the first update is buf = grad).
+        for g in sgd.param_groups:
+            if g["momentum"] > 0:
+                for p in g["params"]:
+                    sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return sgd
 
 
 def run_block(bench: Bench, source: BatchSource, steps: int, device: torch.device) -> list[float]:
@@ -528,6 +537,7 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
     base = next(b for b in benches if b.variant.method == "baseline")
     base_block = [sum(t) / len(t) for t in base.step_times]  # mean step time per repeat
     base_flops = base.flops_by_pattern[(True,)][1]
+    base_min = min(s for blk in base.step_times for s in blk)
     rows = []
     for b in benches:
         probs = [b.variant.branch_prob] * (b.model.num_heads - 1)
@@ -568,6 +578,10 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
             "nonfinite": b.nonfinite,
         }
         row["time_over_flop_ratio"] = row["time_ratio"]["median"] / row["flop_ratio"]
+        # Contention on a shared machine only ever adds time, so the fastest step of each variant
+        # is a second, noise-robust estimate (not for a sampled variant: its fastest step is simply
+        # its cheapest branch pattern).
+        row["time_ratio_min"] = min(all_steps) / base_min if len(step_f) == 1 else None
         row["_block"] = block
         row["_realised"] = realised
         rows.append(row)
@@ -589,6 +603,9 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
         "notes": [
             "img_per_s: batch / mean step time of each block; quantiles over blocks (repeats).",
             "time_ratio: a variant's block mean step time over the baseline's in the same repeat.",
+            "time_ratio_min: fastest step over the baseline's fastest (contention only adds time).",
+            "sampling_efficiency: time saved by branch sampling over the time its skipped FLOPs "
+            "predict, pooled over repeats (realised branch draws).",
             "flops: torch.utils.flop_counter (convolutions and matrix products) of forward + loss + "
             "backward per image; for a sampled variant the expectation over branch patterns.",
             "loss_share: dhm_loss forward + backward timed alone on the same logits, over the step.",
@@ -604,8 +621,10 @@ def evaluate_targets(rows: list[dict]) -> dict[str, Any]:
     dhm = by_name.get("dhm")
     if dhm:
         ratio = dhm["time_over_flop_ratio"]
+        fastest = dhm["time_ratio_min"] / dhm["flop_ratio"]
         out["dhm_time_over_flop_ratio"] = {"value": ratio, "target": TARGET_TIME_OVER_FLOPS,
-                                           "pass": ratio <= TARGET_TIME_OVER_FLOPS}
+                                           "pass": ratio <= TARGET_TIME_OVER_FLOPS,
+                                           "value_from_fastest_steps": fastest}
         share = dhm["loss_share"]["median"]
         out["dhm_loss_share"] = {"value": share, "target": TARGET_LOSS_SHARE,
                                  "pass": share < TARGET_LOSS_SHARE}
@@ -613,16 +632,20 @@ def evaluate_targets(rows: list[dict]) -> dict[str, Any]:
         if r["method"] != "dhm" or r["branch_prob"] >= 1.0 or not dhm:
             continue
         # Per repeat: time saved against full DHM over the time its skipped FLOPs would save.
+        # Pooled over repeats (a ratio of sums: a block whose draw skipped nothing predicts no saving
+        # and would make a per-repeat ratio meaningless); per-repeat values give the spread.
+        saved = predicted = 0.0
         effs = []
         for t_full, t_sampled, f_sampled in zip(dhm["_block"], r["_block"], r["_realised"], strict=True):
-            predicted = t_full * (1.0 - f_sampled / dhm["flops_per_image"])
-            if predicted > 0:
-                effs.append((t_full - t_sampled) / predicted)
-        if effs:
-            q = quantiles(effs)
-            out[f"{r['name']}_sampling_efficiency"] = {"value": q["median"], "spread": q,
+            pred = t_full * (1.0 - f_sampled / dhm["flops_per_image"])
+            saved, predicted = saved + t_full - t_sampled, predicted + pred
+            if pred > 0:
+                effs.append((t_full - t_sampled) / pred)
+        if predicted > 0:
+            value = saved / predicted
+            out[f"{r['name']}_sampling_efficiency"] = {"value": value, "spread": quantiles(effs),
                                                         "target": TARGET_SAMPLING_EFFICIENCY,
-                                                        "pass": q["median"] >= TARGET_SAMPLING_EFFICIENCY}
+                                                        "pass": value >= TARGET_SAMPLING_EFFICIENCY}
     return out
 
 
@@ -679,6 +702,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{c['device']} ({result['environment']['device_name']}), loss {result['loss_backend']}, "
             f"{c['repeats']} repeats x {c['steps']} steps")
     cols = ("variant", "img/s [IQR]", "step ms (IQR)", "GFLOP/img", "FLOP x", "time x [IQR]", "time/FLOP",
+            "min-step x",
             "GFLOP/s", "loss ms", "loss %", "peak mem", "act MB/img")
     lines = [head, "  ".join(f"{x:>14}" if i else f"{x:<10}" for i, x in enumerate(cols))]
     for r in result["methods"]:
@@ -687,14 +711,18 @@ def format_table(result: dict[str, Any]) -> str:
         cells = (r["name"], f"{ips['median']:.1f} [{ips['q25']:.0f}-{ips['q75']:.0f}]",
                  f"{st['median']:.1f} ({st['iqr']:.1f})", f"{r['flops_per_image'] / 1e9:.3f}",
                  f"{r['flop_ratio']:.2f}", f"{tr['median']:.2f} [{tr['q25']:.2f}-{tr['q75']:.2f}]",
-                 f"{r['time_over_flop_ratio']:.2f}", f"{r['achieved_gflop_per_s']:.1f}",
+                 f"{r['time_over_flop_ratio']:.2f}",
+                 f"{r['time_ratio_min']:.2f}" if r["time_ratio_min"] is not None else "-",
+                 f"{r['achieved_gflop_per_s']:.1f}",
                  f"{r['loss_ms']['median']:.2f}", f"{100 * r['loss_share']['median']:.2f}", mem,
                  f"{r['saved_activation_bytes_per_image'] / 2**20:.2f}")
         lines.append("  ".join(f"{x:>14}" if i else f"{x:<10}" for i, x in enumerate(cells)))
     for name, t in result["targets"].items():
         op = "<=" if "ratio" in name else "<" if "share" in name else ">="
+        extra = (f"; from the fastest steps: {t['value_from_fastest_steps']:.4g}"
+                 if "value_from_fastest_steps" in t else "")
         lines.append(f"target {name}: {t['value']:.4g} (target {op} {t['target']}): "
-                     f"{'PASS' if t['pass'] else 'MISS'}")
+                     f"{'PASS' if t['pass'] else 'MISS'}{extra}")
     tel = result["telemetry"]
     if tel.get("available"):
         for r in result["methods"]:

@@ -21,7 +21,7 @@ ROW_FIELDS = {
     "name", "method", "branch_prob", "heads", "params", "img_per_s", "step_time_ms", "flops_per_image",
     "forward_flops_per_image", "flop_ratio", "time_ratio", "realised_flop_ratio", "achieved_gflop_per_s",
     "loss_ms", "loss_share", "peak_memory_bytes", "saved_activation_bytes_per_image", "flops_by_pattern",
-    "telemetry", "nonfinite", "time_over_flop_ratio",
+    "telemetry", "nonfinite", "time_over_flop_ratio", "time_ratio_min",
 }
 QUANTILE_FIELDS = {"median", "q25", "q75", "iqr", "min", "max", "n"}
 TOP_FIELDS = {"schema", "config", "environment", "loss_backend", "methods", "targets", "telemetry", "memory",
@@ -64,6 +64,7 @@ def test_quick_run_writes_json_with_every_field(quick_result):
         assert row["telemetry"]["available"] is False
         assert row["nonfinite"] is None
         assert row["time_over_flop_ratio"] == pytest.approx(row["time_ratio"]["median"] / row["flop_ratio"])
+        assert (row["time_ratio_min"] is None) == (row["name"] == "dhm-p0.5")
     rows = {r["name"]: r for r in data["methods"]}
     assert rows["baseline"]["flop_ratio"] == 1.0 and rows["baseline"]["time_ratio"]["median"] == 1.0
     # Same network and heads: the three all-branch methods cost the same arithmetic.
@@ -132,6 +133,25 @@ def test_optimizer_implementation_override_keeps_the_hyperparameters():
         for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov"):
             assert a[key] == b[key]
         assert a["params"] == b["params"]
+
+
+def test_fused_override_survives_a_branch_that_joins_late():
+    """torch's fused SGD fails when a parameter's first gradient comes after others' (a DHM branch
+    skipped at step 0); the benchmark's fused optimizer must step exactly like foreach anyway."""
+    torch.manual_seed(0)
+    trunk, branch = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    ref = [t.detach().clone().requires_grad_() for t in (trunk, branch)]
+    fused = throughput.with_implementation(torch.optim.SGD([trunk, branch], lr=0.1, momentum=0.9), "fused")
+    foreach = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=True)
+    for step, grads in enumerate([(torch.randn(4), None), (torch.randn(4), torch.randn(4)),
+                                  (torch.randn(4), torch.randn(4))]):
+        for opt, params in ((fused, (trunk, branch)), (foreach, ref)):
+            opt.zero_grad(set_to_none=True)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+        torch.testing.assert_close(trunk, ref[0], msg=f"step {step}")
+        torch.testing.assert_close(branch, ref[1], msg=f"step {step}")
 
 
 @pytest.mark.parametrize("argv, message", [
