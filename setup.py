@@ -23,7 +23,12 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CPU_SOURCES = ["kernels/fused_loss.cpp", "kernels/fused_loss_cpu.cpp"]
-CUDA_SOURCES = ["kernels/fused_loss_cuda.cu"]
+# One file per logits dtype group: ninja compiles them in parallel.
+CUDA_SOURCES = [
+    "kernels/fused_loss_cuda.cu",
+    "kernels/fused_loss_cuda_half.cu",
+    "kernels/fused_loss_cuda_bf16.cu",
+]
 REQUIRE_CUDA = os.environ.get("DHM_FAST_REQUIRE_CUDA_BUILD") == "1"
 NO_CUDA = os.environ.get("DHM_FAST_NO_CUDA") == "1"
 

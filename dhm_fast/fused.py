@@ -125,14 +125,36 @@ def _setup_context(ctx, inputs, output) -> None:
     _, stats, grads = output
     ctx.compute_grad = inputs[-1]
     ctx.mark_non_differentiable(stats, *grads)
+    ctx.set_materialize_grads(False)  # no zero-filled [B, K] tensors for the outputs without a grad
     ctx.save_for_backward(*grads)
+
+
+def _is_plain_cpu_tensor(t: Tensor) -> bool:
+    """A real CPU tensor whose value may be read: not traced (fake, functional, proxy) nor wrapped
+    by a functorch transform, and not itself part of a graph (double backward)."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and not t.requires_grad
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and not torch._is_functional_tensor(t)
+    )
 
 
 def _backward(ctx, grad_loss: Tensor, grad_stats: Tensor | None, grad_grads):
     if not ctx.compute_grad:
         raise RuntimeError("dhm_fast::fused_loss was called with compute_grad=False; no gradient saved")
-    grads = [g * grad_loss for g in ctx.saved_tensors]
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    grads = list(ctx.saved_tensors)
+    if grad_loss is None:  # only possible when the loss itself took no part in the graph
+        return [None] * len(grads), None, None, None, None, None, None, None, None
+    # loss.backward() on the CPU sends exactly 1: skip a full read-and-write pass over every head's
+    # gradient (reading the scalar costs no device sync there). Otherwise scale.
+    if not (_is_plain_cpu_tensor(grad_loss) and grad_loss.item() == 1.0):
+        grads = [g * grad_loss for g in grads]
+    traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    if torch.is_grad_enabled() and not traced:
         # create_graph=True: the saved gradients are constants here, so a second derivative through
         # them would be silently wrong. Make any use of one fail loudly instead.
         message = b"dhm_fast::fused_loss is not twice differentiable"

@@ -45,7 +45,9 @@ CallShape check_args(const std::vector<at::Tensor>& logits, const at::Tensor& ta
                     "kl_weights must be ", heads, "x", heads, " float32 values on ", first.device());
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
                     "temperature must be positive and finite, got ", temperature);
-  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), "eps must be >= 0, got ", eps);
+  // A positive eps below 1e-30 would only add denormals (which the CPU's vectorised log skips).
+  TORCH_CHECK_VALUE(eps == 0.0 || (eps >= 1e-30 && std::isfinite(eps)),
+                    "eps must be 0 or between 1e-30 and inf, got ", eps);
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "label_smoothing must be in [0, 1], got ", label_smoothing);
   return CallShape{static_cast<int>(heads), batch, classes};

@@ -30,7 +30,7 @@ struct RowJob {
 
 // One row: per-head CE and softmaxes, all pairwise KL terms, and (when g != nullptr) the gradient
 // of the row's share of the loss w.r.t. every head's logits. `out` gets the row's stats
-// [ce (H), kl (H*H), correct (H)]; `work` holds (2 + kTwoTemps) * H * kpad + kpad values.
+// [ce (H), kl (H*H), correct (H)]; `work` holds row_work_size(H, kpad, ...) values.
 template <typename acc_t, bool kSmooth, bool kTwoTemps>
 inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
                                                        const acc_t* const* z, acc_t* const* g,
@@ -38,10 +38,17 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
   const RowConsts<acc_t>& c = *job.c;
   const int heads = c.heads;
   const int64_t K = c.classes, kpad = job.kpad;
-  acc_t* q = work;                                   // softmax(z / T), per head
-  acc_t* lq = q + heads * kpad;                      // log q~, per head
-  acc_t* s = kTwoTemps ? lq + heads * kpad : q;      // softmax(z), per head
-  acc_t* mix = (kTwoTemps ? s : lq) + heads * kpad;  // teacher mixture of one student
+  acc_t* next = work;
+  const auto take = [&](int64_t n) {
+    acc_t* p = next;
+    next += n;
+    return p;
+  };
+  acc_t* q = take(heads * kpad);                       // softmax(z / T), per head
+  acc_t* lq = take(heads * kpad);                      // log q~, per head
+  acc_t* pt = kSmooth ? take(heads * kpad) : q;        // p~ (teacher), per head; eps = 0: q
+  acc_t* s = kTwoTemps ? take(heads * kpad) : q;       // softmax(z), per head; T = 1: q
+  acc_t* mix = take(kpad);                             // one student's teacher mixture
   acc_t* ce = out;
   acc_t* kl = out + heads;
   acc_t* correct = out + heads + heads * heads;
@@ -52,6 +59,7 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     acc_t* qh = q + h * kpad;
     acc_t* sh = s + h * kpad;
     acc_t* lqh = lq + h * kpad;
+    acc_t* pth = pt + h * kpad;
     acc_t m = zh[0];
 #pragma omp simd reduction(max : m)
     for (int64_t k = 0; k < K; ++k) m = zh[k] > m ? zh[k] : m;
@@ -93,13 +101,14 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
       const acc_t qk = qh[k] * inv_sum_t;
       qh[k] = qk;
       lqh[k] = student_log_prob<kSmooth>(qk, (zh[k] - m) * inv_t, log_sum_t, c);
+      if (kSmooth) pth[k] = teacher_prob<kSmooth>(qk, c);
     }
   }
 
   // KL(p~_i || q~_j) = sum_k p~_ik (log q~_ik - log q~_jk), summed directly (no cancellation
   // between two large cross-entropies when the heads agree).
   for (int i = 0; i < heads; ++i) {
-    const acc_t* qi = q + i * kpad;
+    const acc_t* pti = pt + i * kpad;
     const acc_t* lqi = lq + i * kpad;
     for (int j = 0; j < heads; ++j) {
       if (j == i) {
@@ -109,7 +118,7 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
       const acc_t* lqj = lq + j * kpad;
       acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += teacher_prob<kSmooth>(qi[k], c) * (lqi[k] - lqj[k]);
+      for (int64_t k = 0; k < K; ++k) acc += pti[k] * (lqi[k] - lqj[k]);
       kl[i * heads + j] = acc;
     }
   }
@@ -120,43 +129,65 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     const acc_t* qj = q + j * kpad;
     const acc_t* sj = s + j * kpad;
     const acc_t ce_scale = static_cast<acc_t>(job.ce_w[j]) * c.inv_batch;
-    // mix = P_j = sum_i w_ij p~_i over this student's teachers.
+    // This student's teachers (non-zero weights); mix = P_j = sum_i w_ij p~_i over all but the
+    // last, which the next loop adds.
+    int teachers[kMaxHeads];
+    int n_teachers = 0;
     acc_t w_sum = 0;
-    bool any_teacher = false;
     for (int i = 0; i < heads; ++i) {
       const acc_t w = static_cast<acc_t>(job.kl_w[i * heads + j]);
       if (i == j || w == acc_t(0)) continue;
-      const acc_t* qi = q + i * kpad;
+      teachers[n_teachers++] = i;
       w_sum += w;
-      if (!any_teacher) {
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) mix[k] = w * teacher_prob<kSmooth>(qi[k], c);
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) mix[k] += w * teacher_prob<kSmooth>(qi[k], c);
-      }
-      any_teacher = true;
     }
-    if (!any_teacher) {
+    if (n_teachers == 0) {
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], 0, 0, 0, c);
-    } else {
-      acc_t w_j = w_sum;
-      if (kSmooth) {
-        // mix becomes rho_j * P_j and W_j its sum.
-        w_j = 0;
-#pragma omp simd reduction(+ : w_j)
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t rp = student_ratio<kSmooth>(qj[k], c) * mix[k];
-          mix[k] = rp;
-          w_j += rp;
-        }
-      }
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
+      gj[y] += target_grad_fix<acc_t>(ce_scale, c);
+      continue;
     }
+    for (int t = 0; t + 1 < n_teachers; ++t) {
+      const int i = teachers[t];
+      const acc_t w = static_cast<acc_t>(job.kl_w[i * heads + j]);
+      const acc_t* pti = pt + i * kpad;
+      if (t == 0) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) mix[k] = w * pti[k];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) mix[k] += w * pti[k];
+      }
+    }
+    const int last = teachers[n_teachers - 1];
+    const acc_t w_last = static_cast<acc_t>(job.kl_w[last * heads + j]);
+    const acc_t* pt_last = pt + last * kpad;
+    // mix becomes rho_j * P_j (eps > 0) and W_j its class sum; with eps = 0, W_j = sum_i w_ij.
+    acc_t w_j = 0;
+    if (n_teachers > 1) {
+#pragma omp simd reduction(+ : w_j)
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (mix[k] + w_last * pt_last[k]);
+        mix[k] = rp;
+        w_j += rp;
+      }
+    } else {
+#pragma omp simd reduction(+ : w_j)
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (w_last * pt_last[k]);
+        mix[k] = rp;
+        w_j += rp;
+      }
+    }
+    if (!kSmooth) w_j = w_sum;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
     gj[y] += target_grad_fix<acc_t>(ce_scale, c);
   }
+}
+
+// Scratch values compute_row needs per row.
+inline int64_t row_work_size(int heads, int64_t kpad, bool smooth, bool two_temps) {
+  return (2 + (smooth ? 1 : 0) + (two_temps ? 1 : 0)) * heads * kpad + kpad;
 }
 
 // float32 math: one non-template entry per ISA clone, the variants inlined into each.
@@ -230,8 +261,8 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
   const bool direct_out = std::is_same_v<scalar_t, acc_t>;
 
   const int64_t kpad = job.kpad;
-  const int64_t work_size = (2 + (two_temps ? 1 : 0)) * heads * kpad + kpad +
-                            (direct_in ? 0 : heads * kpad) +
+  const int64_t row_work = row_work_size(heads, kpad, smooth, two_temps);
+  const int64_t work_size = row_work + (direct_in ? 0 : heads * kpad) +
                             (compute_grad && !direct_out ? heads * kpad : 0);
   std::vector<acc_t> partial(static_cast<size_t>(B) * P);
   // At least ~32k logits per task: smaller tasks cost more in scheduling than they save.
@@ -239,7 +270,7 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> work(new acc_t[work_size]);
-    acc_t* in_buf = work.get() + (2 + (two_temps ? 1 : 0)) * heads * kpad + kpad;
+    acc_t* in_buf = work.get() + row_work;
     acc_t* out_buf = in_buf + (direct_in ? 0 : heads * kpad);
     const acc_t* zrow[kMaxHeads];
     acc_t* grow[kMaxHeads];

@@ -409,6 +409,27 @@ def test_bitwise_deterministic_across_calls_and_thread_counts(dtype):
 
 
 @needs_ext
+def test_backward_scales_by_grad_output_and_survives_retain_graph():
+    gen = torch.Generator().manual_seed(10)
+    z = [x.requires_grad_() for x in make_logits(gen, 3, 5, 11, torch.float32, 2.0)]
+    target = torch.randint(0, 11, (5,), generator=gen)
+    ce_w, kl_w = random_weights(gen, 3, sparse=False)
+    loss, _ = fused.fused_loss(z, target, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
+    unit = torch.autograd.grad(loss, z, retain_graph=True)
+    again = torch.autograd.grad(loss, z, retain_graph=True)
+    scaled = torch.autograd.grad(loss * -2.5, z)
+    for u, a, s in zip(unit, again, scaled, strict=True):
+        assert torch.equal(u, a)
+        torch.testing.assert_close(s, -2.5 * u)
+    # The unscaled gradient is handed out as saved: accumulating it must not alias the saved copy.
+    loss, _ = fused.fused_loss(z, target, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    for x, u in zip(z, unit, strict=True):
+        torch.testing.assert_close(x.grad, 3 * u)
+
+
+@needs_ext
 def test_no_grad_call_returns_the_same_loss():
     gen = torch.Generator().manual_seed(6)
     logits = make_logits(gen, 2, 3, 9, torch.float32, 1.0)
@@ -429,7 +450,8 @@ def test_no_grad_call_returns_the_same_loss():
         (lambda a: a.update(target=a["target"][:2]), "target must have shape"),
         (lambda a: a["logits"].append(torch.randn(4, 7)), "logits of head 2 have shape"),
         (lambda a: a.update(temperature=0.0), "temperature must be positive"),
-        (lambda a: a.update(eps=-1.0), "eps must be >= 0"),
+        (lambda a: a.update(eps=-1.0), "eps must be 0 or between"),
+        (lambda a: a.update(eps=1e-35), "eps must be 0 or between"),
         (lambda a: a.update(label_smoothing=1.5), "label_smoothing must be in"),
         (lambda a: a.update(kl_weights=torch.ones(3)), "kl_weights must be 2x2"),
         (lambda a: a.update(logits=[x.int() for x in a["logits"]]), "logits must be float32"),
