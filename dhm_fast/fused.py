@@ -2,10 +2,10 @@
 
 `torch.ops.dhm_fast.fused_loss` computes, in one pass over every head's logits, the per-head CE,
 all pairwise KL terms, the loss, the logging stats and the gradient w.r.t. every head's logits
-(returned and saved in the logits' dtype; backward only scales it by grad_output). This module
-registers its autograd formula and fake (meta) implementation, and exposes `fused_loss` with the
-signature of `dhm_fast.losses.reference_backend`. When the extension was not built (no compiler),
-`available()` is False and the caller uses the reference; that is logged once.
+(returned and saved in the logits' dtype; its C++ autograd formula only scales it by grad_output).
+This module registers the op's fake (meta) implementation for torch.compile and exposes
+`fused_loss` with the signature of `dhm_fast.losses.reference_backend`. When the extension was not
+built (no compiler), `available()` is False and the caller uses the reference; that is logged once.
 """
 
 from __future__ import annotations
@@ -121,53 +121,10 @@ def _fake_fused_loss(
     return loss, stats, grads
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, stats, grads = output
-    ctx.compute_grad = inputs[-1]
-    ctx.mark_non_differentiable(stats, *grads)
-    ctx.set_materialize_grads(False)  # no zero-filled [B, K] tensors for the outputs without a grad
-    ctx.save_for_backward(*grads)
-
-
-def _is_plain_cpu_tensor(t: Tensor) -> bool:
-    """A real CPU tensor whose value may be read: not traced (fake, functional, proxy) nor wrapped
-    by a functorch transform, and not itself part of a graph (double backward)."""
-    return (
-        type(t) is torch.Tensor
-        and t.device.type == "cpu"
-        and not t.requires_grad
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-        and not torch._is_functional_tensor(t)
-    )
-
-
-def _backward(ctx, grad_loss: Tensor, grad_stats: Tensor | None, grad_grads):
-    if not ctx.compute_grad:
-        raise RuntimeError("dhm_fast::fused_loss was called with compute_grad=False; no gradient saved")
-    grads = list(ctx.saved_tensors)
-    if grad_loss is None:  # only possible when the loss itself took no part in the graph
-        return [None] * len(grads), None, None, None, None, None, None, None, None
-    # loss.backward() on the CPU sends exactly 1: skip a full read-and-write pass over every head's
-    # gradient (reading the scalar costs no device sync there). Otherwise scale.
-    if not (_is_plain_cpu_tensor(grad_loss) and grad_loss.item() == 1.0):
-        grads = [g * grad_loss for g in grads]
-    traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-    if torch.is_grad_enabled() and not traced:
-        # create_graph=True: the saved gradients are constants here, so a second derivative through
-        # them would be silently wrong. Make any use of one fail loudly instead.
-        message = b"dhm_fast::fused_loss is not twice differentiable"
-        fail = torch._C._functions.DelayedError(message, len(grads))
-        grads = list(fail(*[g.detach().requires_grad_() for g in grads]))
-    return grads, None, None, None, None, None, None, None, None
-
-
 def _register() -> None:
     if _state["error"] is not None or _state["registered"]:
         return
     torch.library.register_fake(_OP_NAME)(_fake_fused_loss)
-    torch.library.register_autograd(_OP_NAME, _backward, setup_context=_setup_context)
     # Looked up once: the dispatcher query is not traceable by torch.compile.
     _state["kernels"] = frozenset(
         device

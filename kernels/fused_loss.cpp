@@ -1,7 +1,11 @@
-// The op's schema (namespace dhm_fast), argument checks shared by both devices, and the Python
-// module stub whose import registers everything. Kernels: fused_loss_cpu.cpp, fused_loss_cuda.cu.
-// Autograd and the fake (meta) implementation are registered in Python (dhm_fast/fused.py).
+// The op's schema (namespace dhm_fast), argument checks shared by both devices, the autograd
+// formula, and the Python module stub whose import registers everything. Kernels:
+// fused_loss_cpu.cpp, fused_loss_cuda*.cu. The fake (meta) implementation is in dhm_fast/fused.py.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include "fused_loss.h"
@@ -53,6 +57,91 @@ CallShape check_args(const std::vector<at::Tensor>& logits, const at::Tensor& ta
   return CallShape{static_cast<int>(heads), batch, classes};
 }
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+LossOutputs call_below_autograd(const std::vector<at::Tensor>& logits, const at::Tensor& target,
+                                const at::Tensor& ce_weights, const at::Tensor& kl_weights,
+                                double temperature, double alpha, double eps, double label_smoothing,
+                                bool compute_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dhm_fast::fused_loss", "")
+                             .typed<LossOutputs(const std::vector<at::Tensor>&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, double, double,
+                                                double, double, bool)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(logits, target, ce_weights, kl_weights, temperature, alpha, eps, label_smoothing,
+                 compute_grad);
+}
+
+// True for a real tensor seen by eager autograd; false while torch.compile, opcheck or a
+// functorch transform traces (values unreadable, or reading one would bake it into a graph).
+bool is_eager_tensor(const at::Tensor& t) {
+  const auto keys = t.key_set();
+  return !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
+         !keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Functionalize) &&
+         !keys.has(c10::DispatchKey::FuncTorchBatched) &&
+         !keys.has(c10::DispatchKey::FuncTorchGradWrapper);
+}
+
+// The gradient w.r.t. every head's logits is computed by the forward kernel and saved; backward
+// only scales it by grad_output (skipped for the exact 1 that loss.backward() sends on the CPU).
+class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList logits, const at::Tensor& target,
+                               const at::Tensor& ce_weights, const at::Tensor& kl_weights,
+                               double temperature, double alpha, double eps, double label_smoothing,
+                               bool compute_grad) {
+    auto [loss, stats, grads] = call_below_autograd(logits.vec(), target, ce_weights, kl_weights,
+                                                    temperature, alpha, eps, label_smoothing,
+                                                    compute_grad);
+    ctx->saved_data["compute_grad"] = compute_grad;
+    ctx->save_for_backward(grads);
+    ctx->set_materialize_grads(false);  // no zero-filled [B, K] tensors for the other outputs
+    variable_list out{loss, stats};
+    out.insert(out.end(), grads.begin(), grads.end());
+    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads = ctx->get_saved_variables();
+    const int64_t heads = static_cast<int64_t>(grads.size());
+    variable_list result(heads + 8);  // logits..., then the 8 arguments without a gradient
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined()) return result;
+    TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
+                "dhm_fast::fused_loss was called with compute_grad=False: no gradient was saved");
+    const bool eager = is_eager_tensor(grad_loss);
+    const bool unit = eager && grad_loss.is_cpu() && !grad_loss.requires_grad() &&
+                      grad_loss.item<double>() == 1.0;
+    for (int64_t h = 0; h < heads; ++h) result[h] = unit ? grads[h] : grads[h].mul(grad_loss);
+    if (eager && at::GradMode::is_enabled()) {
+      // create_graph=True: the saved gradients are constants here, so a second derivative through
+      // them would be silently wrong. Any use of one fails loudly instead.
+      variable_list inputs;
+      for (int64_t h = 0; h < heads; ++h) inputs.push_back(result[h].detach().requires_grad_(true));
+      auto fail = std::make_shared<torch::autograd::DelayedError>(
+          "dhm_fast::fused_loss is not twice differentiable", heads);
+      variable_list wrapped = fail->apply(std::move(inputs));
+      for (int64_t h = 0; h < heads; ++h) result[h] = wrapped[h];
+    }
+    return result;
+  }
+};
+
+LossOutputs fused_loss_autograd(const std::vector<at::Tensor>& logits, const at::Tensor& target,
+                                const at::Tensor& ce_weights, const at::Tensor& kl_weights,
+                                double temperature, double alpha, double eps, double label_smoothing,
+                                bool compute_grad) {
+  variable_list out = FusedLossFunction::apply(at::TensorList(logits), target, ce_weights, kl_weights,
+                                               temperature, alpha, eps, label_smoothing, compute_grad);
+  return {out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.end())};
+}
+
+}  // namespace
 }  // namespace dhm
 
 TORCH_LIBRARY(dhm_fast, m) {
@@ -63,6 +152,8 @@ TORCH_LIBRARY(dhm_fast, m) {
       "float temperature, float alpha, float eps, float label_smoothing, bool compute_grad) "
       "-> (Tensor loss, Tensor stats, Tensor[] grads)");
 }
+
+TORCH_LIBRARY_IMPL(dhm_fast, Autograd, m) { m.impl("fused_loss", &dhm::fused_loss_autograd); }
 
 // `import dhm_fast._C` runs the static registrations above; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {

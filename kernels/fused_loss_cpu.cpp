@@ -265,8 +265,8 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
   const int64_t work_size = row_work + (direct_in ? 0 : heads * kpad) +
                             (compute_grad && !direct_out ? heads * kpad : 0);
   std::vector<acc_t> partial(static_cast<size_t>(B) * P);
-  // At least ~32k logits per task: smaller tasks cost more in scheduling than they save.
-  const int64_t grain = std::max<int64_t>(1, 32768 / (heads * K));
+  // At least ~64k logits per task: smaller tasks cost more in thread wake-ups than they save.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (heads * K));
 
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> work(new acc_t[work_size]);
