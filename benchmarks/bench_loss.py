@@ -81,7 +81,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_round_robin(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                     warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+                     warmup: int, clock: Callable[[], float] = time.perf_counter
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """Median and minimum seconds of each fn, timed in interleaved rounds so that every variant sees
     the same background load (the machines are shared)."""
     for fn in fns.values():
@@ -91,10 +92,10 @@ def time_round_robin(fns: dict[str, Callable[[], None]], device: torch.device, r
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return medians, {name: min(ts) for name, ts in times.items()}
 
@@ -118,7 +119,7 @@ def device_bandwidth(device: torch.device) -> float | None:
     return None
 
 
-def run_shape(h, b, k, device, dtype, repeats, warmup, compile_vectorised) -> dict:
+def run_shape(h, b, k, device, dtype, repeats, warmup, compile_vectorised, clock) -> dict:
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(b, k, generator=gen).mul_(3.0).to(device=device, dtype=dtype) for _ in range(h)]
     target = torch.randint(0, k, (b,), generator=gen).to(device)
@@ -141,7 +142,7 @@ def run_shape(h, b, k, device, dtype, repeats, warmup, compile_vectorised) -> di
             torch.softmax(stacked, dim=1)
 
     fns["floor"] = floor
-    row["seconds"], row["min_seconds"] = time_round_robin(fns, device, repeats, warmup)
+    row["seconds"], row["min_seconds"] = time_round_robin(fns, device, repeats, warmup, clock)
     if device.type == "cuda" and "fused" in row["seconds"]:
         # Forward reads the logits and writes the saved gradient; backward reads it and writes the scaled one.
         moved = 4 * h * b * k * base[0].element_size()
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="cpu: the calling thread's CPU time, which ignores time spent descheduled on a busy "
+        "machine (needs --threads 1 and a CPU device)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -212,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no GPU is visible")
+    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise SystemExit("--clock cpu measures one thread: use it with --threads 1 on the CPU")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     dtype = getattr(torch, args.dtype)
     repeats = args.repeats or (5 if args.quick else 20)
     warmup = 2 if args.quick else 5
@@ -219,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: the fused op has no {device.type} kernel here; timing the other variants only")
     rows = []
     for h, b, k in SHAPES:
-        rows.append(run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile))
+        rows.append(run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile, clock))
         print(f"done H={h} B={b} K={k}", flush=True)
     print_table(rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "repeats": repeats,
+        "clock": args.clock,
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "temperature": TEMPERATURE,
         "alpha": ALPHA,
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loss_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    plot(rows, args.out / "loss_bench.png", f"DHM loss, {name}, {args.dtype}, {meta['threads']} threads")
+    title = f"DHM loss, {name}, {args.dtype}, {meta['threads']} threads, {args.clock} clock"
+    plot(rows, args.out / "loss_bench.png", title)
     print(f"wrote {args.out / 'loss_bench.json'} and {args.out / 'loss_bench.png'}")
     return 0
 

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <memory>
 
 #include "fused_loss.h"
@@ -25,19 +26,23 @@ struct RowJob {
   const RowConsts<acc_t>* c;
   const float* ce_w;  // [H]
   const float* kl_w;  // [H, H], teacher row, student column
-  int64_t kpad;       // stride between the per-head scratch arrays
+  int64_t kpad;       // stride between the per-head scratch arrays (K rounded up to 16)
+  int64_t n;          // classes the loops run over: K, or kpad for padded rows
 };
 
 // One row: per-head CE and softmaxes, all pairwise KL terms, and (when g != nullptr) the gradient
 // of the row's share of the loss w.r.t. every head's logits. `out` gets the row's stats
 // [ce (H), kl (H*H), correct (H)]; `work` holds row_work_size(H, kpad, ...) values.
+// The loops run over job.n classes: K, or (for small K) kpad, a multiple of 16, with z = -inf in
+// the padding, so that they run whole vectors with no scalar remainder (a quarter of the time at
+// K = 100). The padding gets q = 0, and log q~ and p~ are set to 0 there: it adds to no sum.
 template <typename acc_t, bool kSmooth, bool kTwoTemps>
 inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
                                                        const acc_t* const* z, acc_t* const* g,
                                                        int64_t y, acc_t* out, acc_t* work) {
   const RowConsts<acc_t>& c = *job.c;
   const int heads = c.heads;
-  const int64_t K = c.classes, kpad = job.kpad;
+  const int64_t K = c.classes, kpad = job.kpad, n = job.n;
   acc_t* next = work;
   const auto take = [&](int64_t n) {
     acc_t* p = next;
@@ -62,7 +67,7 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     acc_t* pth = pt + h * kpad;
     acc_t m = zh[0];
 #pragma omp simd reduction(max : m)
-    for (int64_t k = 0; k < K; ++k) m = zh[k] > m ? zh[k] : m;
+    for (int64_t k = 0; k < n; ++k) m = zh[k] > m ? zh[k] : m;
     acc_t shifted_sum = 0;  // sum_k (z_k - max), for label smoothing
     if (c.smooth != acc_t(0)) {
 #pragma omp simd reduction(+ : shifted_sum)
@@ -76,7 +81,7 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
 
     acc_t sum_t = 0;
 #pragma omp simd reduction(+ : sum_t)
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < n; ++k) {
       const acc_t e = row_exp((zh[k] - m) * inv_t);
       qh[k] = e;
       sum_t += e;
@@ -85,23 +90,27 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     if (kTwoTemps) {
       sum_1 = 0;
 #pragma omp simd reduction(+ : sum_1)
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = 0; k < n; ++k) {
         const acc_t e = row_exp(zh[k] - m);
         sh[k] = e;
         sum_1 += e;
       }
       const acc_t inv_1 = acc_t(1) / sum_1;
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) sh[k] *= inv_1;
+      for (int64_t k = 0; k < n; ++k) sh[k] *= inv_1;
     }
     ce[h] = row_ce<acc_t>(std::log(sum_1), m - zy, shifted_sum / static_cast<acc_t>(K), c.smooth);
     const acc_t log_sum_t = std::log(sum_t), inv_sum_t = acc_t(1) / sum_t;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < n; ++k) {
       const acc_t qk = qh[k] * inv_sum_t;
       qh[k] = qk;
       lqh[k] = student_log_prob<kSmooth>(qk, (zh[k] - m) * inv_t, log_sum_t, c);
       if (kSmooth) pth[k] = teacher_prob<kSmooth>(qk, c);
+    }
+    for (int64_t k = K; k < n; ++k) {
+      lqh[k] = 0;
+      pth[k] = 0;
     }
   }
 
@@ -118,7 +127,7 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
       const acc_t* lqj = lq + j * kpad;
       acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += pti[k] * (lqi[k] - lqj[k]);
+      for (int64_t k = 0; k < n; ++k) acc += pti[k] * (lqi[k] - lqj[k]);
       kl[i * heads + j] = acc;
     }
   }
@@ -142,7 +151,7 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     }
     if (n_teachers == 0) {
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], 0, 0, 0, c);
+      for (int64_t k = 0; k < n; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], 0, 0, 0, c);
       gj[y] += target_grad_fix<acc_t>(ce_scale, c);
       continue;
     }
@@ -152,10 +161,10 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
       const acc_t* pti = pt + i * kpad;
       if (t == 0) {
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) mix[k] = w * pti[k];
+        for (int64_t k = 0; k < n; ++k) mix[k] = w * pti[k];
       } else {
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) mix[k] += w * pti[k];
+        for (int64_t k = 0; k < n; ++k) mix[k] += w * pti[k];
       }
     }
     const int last = teachers[n_teachers - 1];
@@ -165,14 +174,14 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     acc_t w_j = 0;
     if (n_teachers > 1) {
 #pragma omp simd reduction(+ : w_j)
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = 0; k < n; ++k) {
         const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (mix[k] + w_last * pt_last[k]);
         mix[k] = rp;
         w_j += rp;
       }
     } else {
 #pragma omp simd reduction(+ : w_j)
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = 0; k < n; ++k) {
         const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (w_last * pt_last[k]);
         mix[k] = rp;
         w_j += rp;
@@ -180,7 +189,7 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     }
     if (!kSmooth) w_j = w_sum;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
+    for (int64_t k = 0; k < n; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
     gj[y] += target_grad_fix<acc_t>(ce_scale, c);
   }
 }
@@ -233,7 +242,7 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
   const int P = stats_size(heads);
   const RowConsts<acc_t> consts = make_consts<acc_t>(shape, temperature, alpha, eps, label_smoothing);
   const at::Tensor ce_w = ce_weights.contiguous(), kl_w = kl_weights.contiguous();
-  const RowJob<acc_t> job{&consts, ce_w.data_ptr<float>(), kl_w.data_ptr<float>(), (K + 15) / 16 * 16};
+  const int64_t kpad = (K + 15) / 16 * 16;
   const bool smooth = eps > 0.0, two_temps = temperature != 1.0;
 
   const at::Tensor tgt = target.contiguous();
@@ -244,12 +253,10 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
 
   std::vector<const scalar_t*> x(heads);
   std::vector<int64_t> stride_row(heads), stride_col(heads);
-  bool direct_in = std::is_same_v<scalar_t, acc_t>;
   for (int h = 0; h < heads; ++h) {
     x[h] = logits[h].data_ptr<scalar_t>();
     stride_row[h] = logits[h].stride(0);
     stride_col[h] = logits[h].stride(1);
-    direct_in = direct_in && stride_col[h] == 1;
   }
   std::vector<at::Tensor> grads;
   std::vector<scalar_t*> gx(heads, nullptr);
@@ -258,12 +265,16 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
                                  : at::empty({0}, logits[h].options()));
     if (compute_grad) gx[h] = grads.back().data_ptr<scalar_t>();
   }
-  const bool direct_out = std::is_same_v<scalar_t, acc_t>;
 
-  const int64_t kpad = job.kpad;
+  // Rows are read in place when they are float32/64 with unit stride and the remainder loops are
+  // cheap (K >= 512 or a multiple of 16). Otherwise they are copied in (converted, strides resolved,
+  // padded to kpad) and the gradients copied out: two cheap passes.
+  bool direct = std::is_same_v<scalar_t, acc_t> && (K >= 512 || K % 16 == 0);
+  for (int h = 0; h < heads; ++h) direct = direct && stride_col[h] == 1;
+  const RowJob<acc_t> job{&consts, ce_w.data_ptr<float>(), kl_w.data_ptr<float>(), kpad,
+                          direct ? K : kpad};
   const int64_t row_work = row_work_size(heads, kpad, smooth, two_temps);
-  const int64_t work_size = row_work + (direct_in ? 0 : heads * kpad) +
-                            (compute_grad && !direct_out ? heads * kpad : 0);
+  const int64_t work_size = row_work + (direct ? 0 : heads * kpad * (compute_grad ? 2 : 1));
   std::vector<acc_t> partial(static_cast<size_t>(B) * P);
   // At least ~64k logits per task: smaller tasks cost more in thread wake-ups than they save.
   const int64_t grain = std::max<int64_t>(1, 65536 / (heads * K));
@@ -271,29 +282,41 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> work(new acc_t[work_size]);
     acc_t* in_buf = work.get() + row_work;
-    acc_t* out_buf = in_buf + (direct_in ? 0 : heads * kpad);
+    acc_t* out_buf = in_buf + heads * kpad;
     const acc_t* zrow[kMaxHeads];
     acc_t* grow[kMaxHeads];
+    if (!direct) {
+      for (int h = 0; h < heads; ++h) {
+        acc_t* dst = in_buf + h * kpad;
+        for (int64_t k = K; k < kpad; ++k) dst[k] = -std::numeric_limits<acc_t>::infinity();
+        zrow[h] = dst;
+        grow[h] = out_buf + h * kpad;
+      }
+    }
     for (int64_t b = begin; b < end; ++b) {
       for (int h = 0; h < heads; ++h) {
         const scalar_t* src = x[h] + b * stride_row[h];
-        if (direct_in) {
+        if (direct) {
           zrow[h] = reinterpret_cast<const acc_t*>(src);
-        } else {
-          acc_t* dst = in_buf + h * kpad;
-          const int64_t sc = stride_col[h];
-          for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<acc_t>(src[k * sc]);
-          zrow[h] = dst;
+          if (compute_grad) grow[h] = reinterpret_cast<acc_t*>(gx[h] + b * K);
+          continue;
         }
-        if (compute_grad)
-          grow[h] = direct_out ? reinterpret_cast<acc_t*>(gx[h] + b * K) : out_buf + h * kpad;
+        acc_t* dst = in_buf + h * kpad;
+        const int64_t sc = stride_col[h];
+        if (sc == 1) {
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<acc_t>(src[k]);
+        } else {
+          for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<acc_t>(src[k * sc]);
+        }
       }
       row_dispatch(job, smooth, two_temps, zrow, compute_grad ? grow : nullptr, y[b],
                    partial.data() + b * P, work.get());
-      if (compute_grad && !direct_out) {
+      if (compute_grad && !direct) {
         for (int h = 0; h < heads; ++h) {
           scalar_t* dst = gx[h] + b * K;
           const acc_t* src = out_buf + h * kpad;
+#pragma omp simd
           for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(src[k]);
         }
       }
