@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="epochs to train")
-    g.add_argument("--batch-size", type=int, help="batch size per process")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch: samples per optimizer step over every "
+                   "process and micro-batch (each process runs batch / (processes x --grad-accum))")
+    g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimizer step (same global "
+                   "batch on fewer GPUs)")
+    g.add_argument("--scale-lr", action=bool_flag, help="linear scaling rule: the recipe's lr x global "
+                   "batch / recipe batch, with warm-up for larger batches (an explicit --lr is used as given)")
     g.add_argument("--lr", type=float, help="base learning rate")
     g.add_argument("--momentum", type=float, help="SGD momentum")
     g.add_argument("--nesterov", action=bool_flag, help="Nesterov momentum")
@@ -100,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true", default=None, help="evaluate --weights and exit")
     g.add_argument("--weights", help="weights to evaluate: a dhm_fast checkpoint, a state dict, or the "
                    "authors' released checkpoint")
+
+    g = p.add_argument_group("multi-process (launch with torchrun; see docs/distributed.md)")
+    g.add_argument("--sync-bn", action=bool_flag, help="SyncBatchNorm: batch statistics over every process "
+                   "(CUDA only)")
+    g.add_argument("--dist-timeout", type=float, help="seconds a collective waits for a peer before the job "
+                   "fails (a dead or hung process then stops the others)")
     return p
 
 
@@ -129,16 +140,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from dhm_fast.distributed import is_dist_error
+
+        if not is_dist_error(e) or os.environ.get("DHM_FAST_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: a peer process died, hung or became unreachable ({first[:300]}); the last good "
+              "checkpoint is last.pt in --out: re-run the same command to resume", file=sys.stderr)
+        return 1
 
 
 def _run(cfg) -> int:
     from dhm_fast.run import Run, evaluate_weights
 
+    from dhm_fast.distributed import world_from_env
+
     if cfg.eval_only:
         result = evaluate_weights(cfg)
-        _print_heads(result, f"evaluation of {cfg.weights}")
+        if world_from_env().is_main:
+            _print_heads(result, f"evaluation of {cfg.weights}")
         return 0
-    summary = Run(cfg).train()
+    run = Run(cfg)
+    summary = run.train()
+    if not run.world.is_main:  # one report per job, from rank 0
+        return 0
     if summary["final"] is not None:
         _print_heads(summary["final"], "test accuracy after the last epoch")
         print(f"best main-head top-1: {summary['best_main_top1']:.2f}% (epoch {summary['best_epoch']})")

@@ -39,7 +39,9 @@ class TrainConfig:
     dropout: float = 0.0
     # optimisation
     epochs: int = 3
-    batch_size: int = 128  # per process
+    batch_size: int = 128  # GLOBAL: samples per optimizer step over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step and process (same global batch, less memory)
+    scale_lr: bool = True  # recipe lr x global batch / recipe batch (+ warm-up) when the batch differs
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -77,13 +79,20 @@ class TrainConfig:
     max_steps: int | None = None
     eval_only: bool = False
     weights: str | None = None
+    # multi-process (torchrun); see docs/distributed.md
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
+    dist_timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
+    # Filled by build_config: the recipe's batch and lr that the linear scaling rule starts from.
+    reference_batch_size: int | None = None
+    reference_lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-RECIPE_KEYS = set(FIELDS) - {"recipe", "out", "resume", "eval_only", "weights", "device"}
+RECIPE_KEYS = set(FIELDS) - {"recipe", "out", "resume", "eval_only", "weights", "device",
+                             "reference_batch_size", "reference_lr"}
 
 
 def recipe_names() -> list[str]:
@@ -106,11 +115,27 @@ def load_recipe(name: str) -> dict[str, Any]:
 def build_config(recipe: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the recipe's values, then every override that is not None."""
     name = recipe or DEFAULT_RECIPE
-    values: dict[str, Any] = {"recipe": name, **load_recipe(name)}
+    recipe_values = load_recipe(name)
+    values: dict[str, Any] = {"recipe": name, **recipe_values}
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
     validate(cfg)
+    _apply_lr_scaling(cfg, recipe_values, overrides)
     return cfg
+
+
+def _apply_lr_scaling(cfg: TrainConfig, recipe: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """The linear scaling rule (dhm_fast/batching.py): the recipe's lr follows the global batch."""
+    from dhm_fast.batching import scale_lr
+
+    cfg.reference_batch_size = int(recipe.get("batch_size", FIELDS["batch_size"].default))
+    cfg.reference_lr = float(recipe.get("lr", FIELDS["lr"].default))
+    scaled = scale_lr(
+        recipe_lr=cfg.reference_lr, recipe_batch=cfg.reference_batch_size, batch=cfg.batch_size,
+        epochs=cfg.epochs, recipe_warmup=float(recipe.get("warmup_epochs", FIELDS["warmup_epochs"].default)),
+        enabled=cfg.scale_lr, explicit_lr=overrides.get("lr"), explicit_warmup=overrides.get("warmup_epochs"),
+    )
+    cfg.lr, cfg.warmup_epochs = scaled.lr, scaled.warmup_epochs
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -118,7 +143,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     if cfg.amp not in AMP_CHOICES:
         raise UserError(f"unknown --amp {cfg.amp!r}; choose one of {', '.join(AMP_CHOICES)}")
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
@@ -129,5 +154,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--branch-prob must lie in [0, 1], got {cfg.branch_prob}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+    if cfg.dist_timeout <= 0:
+        raise UserError(f"--dist-timeout must be positive (seconds), got {cfg.dist_timeout}")
     if cfg.eval_only and not cfg.weights:
         raise UserError("--eval-only needs --weights (a checkpoint or a state dict file)")

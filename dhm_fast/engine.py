@@ -65,13 +65,20 @@ def train_one_epoch(
     on_log: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[], None] | None = None,
+    grad_accum: int = 1,
 ) -> bool:
-    """Train until the loader's epoch ends (True) or `max_steps` is reached (False)."""
+    """Train until the loader's epoch ends (True) or `max_steps` is reached (False).
+
+    One optimizer step consumes `grad_accum` consecutive micro-batches of the loader; each one's loss
+    is scaled by 1/grad_accum, so the step sees the gradient of the mean over all of them. Under DDP
+    only the last micro-batch's backward all-reduces (the others run inside `no_sync`). Progress,
+    schedules and branch sampling count optimizer steps.
+    """
     model, optimizer = parts.model, parts.optimizer
     model.train()
     bad_step = torch.full((), -1, dtype=torch.long, device=meter.loss_sum.device)
     t0, seen = time.perf_counter(), 0
-    for images, labels in loader:
+    for micro_batches in _groups(loader, grad_accum):
         if max_steps is not None and progress.step >= max_steps:
             _raise_if_bad(bad_step)
             return False
@@ -81,28 +88,33 @@ def train_one_epoch(
         for group in optimizer.param_groups:
             group["lr"] = lr
         active = parts.sampler.active(progress.epoch, progress.step)
+        alpha, temperature = parts.alpha.at(epoch_progress), parts.temperature.at(epoch_progress)
 
-        with parts.autocast():
-            outputs = model(images, active=active)
-        loss, stats = dhm_loss(
-            outputs, labels, active=active, return_stats=True,
-            alpha=parts.alpha.at(epoch_progress), temperature=parts.temperature.at(epoch_progress),
-            **parts.loss_kwargs,
-        )
         optimizer.zero_grad(set_to_none=True)
+        for i, (images, labels) in enumerate(micro_batches):
+            with _sync_grads(model, i == len(micro_batches) - 1):
+                with parts.autocast():
+                    outputs = model(images, active=active)
+                loss, stats = dhm_loss(
+                    outputs, labels, active=active, return_stats=True, alpha=alpha, temperature=temperature,
+                    **parts.loss_kwargs,
+                )
+                scaled = loss / len(micro_batches) if len(micro_batches) > 1 else loss
+                if parts.scaler is not None:
+                    parts.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            # Remember the first non-finite step without a host sync; checked at log time.
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), progress.step, bad_step)
+            meter.update(loss, stats, len(labels), active)
+            seen += len(labels)
         if parts.scaler is not None:
-            parts.scaler.scale(loss).backward()
             parts.scaler.step(optimizer)
             parts.scaler.update()
         else:
-            loss.backward()
             optimizer.step()
 
-        # Remember the first non-finite step without a host sync; checked at log time.
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), progress.step, bad_step)
-        meter.update(loss, stats, len(labels), active)
         progress.step += 1
-        seen += len(labels)
         if progress.step % log_every == 0 or progress.step % steps_per_epoch == 0:
             _raise_if_bad(bad_step)
             if on_log is not None:
@@ -114,6 +126,22 @@ def train_one_epoch(
             on_checkpoint()
     _raise_if_bad(bad_step)
     return True
+
+
+def _groups(loader, n: int):
+    """Consecutive groups of `n` batches; a trailing incomplete group is dropped (as drop_last)."""
+    group: list = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+def _sync_grads(model: nn.Module, sync: bool):
+    """DDP's no_sync() for all but the last micro-batch of a step (a plain module needs nothing)."""
+    no_sync = getattr(model, "no_sync", None)
+    return contextlib.nullcontext() if sync or no_sync is None else no_sync()
 
 
 def _raise_if_bad(bad_step: Tensor) -> None:

@@ -2,6 +2,10 @@
 
 Outputs in `cfg.out`: last.pt (resumable), best.pt (best main-head val top-1), log.jsonl (a record
 per epoch), curves.png (per-head curves), config.json, summary.json.
+
+Under torchrun every process runs this same code on its shard of the data (docs/distributed.md): metrics
+are summed over processes before they are logged, and only rank 0 writes files or draws progress bars.
+Checkpoint writes are collective (every process calls `save`), so all processes agree on what is saved.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dhm_fast import checkpoint
+from dhm_fast import checkpoint, distributed
+from dhm_fast.batching import micro_batch
 from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, evaluate, train_one_epoch
 from dhm_fast.errors import UserError
@@ -35,16 +40,13 @@ IDENTITY_KEYS = ("arch", "method", "dataset")  # a checkpoint must agree on thes
 
 
 def log(msg: str) -> None:
-    tqdm.write(msg, file=sys.stdout)
+    if distributed.is_main():
+        tqdm.write(msg, file=sys.stdout)
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA GPU is available here")
-    return device
+    """The device of a single process (under torchrun, `distributed.init` picks GPU LOCAL_RANK)."""
+    return distributed.process_device(name, distributed.World())
 
 
 def make_autocast(amp: str, device: torch.device):
@@ -67,10 +69,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def loader_config(cfg: TrainConfig, device: torch.device) -> LoaderConfig:
+def loader_config(cfg: TrainConfig, device: torch.device, world: distributed.World | None = None,
+                  batch_size: int | None = None) -> LoaderConfig:
+    """This process's loaders: its shard (rank of world) and its micro-batch (default: --batch-size)."""
+    world = world or distributed.World()
     return LoaderConfig(
         backend=cfg.loader, dataset=cfg.dataset, data_dir=cfg.data_dir, train_beton=cfg.train_beton,
-        val_beton=cfg.val_beton, batch_size=cfg.batch_size, device=str(device), channels_last=cfg.channels_last,
+        val_beton=cfg.val_beton, batch_size=batch_size or cfg.batch_size, device=str(device),
+        channels_last=cfg.channels_last, rank=world.rank, world_size=world.world_size,
         seed=cfg.seed, num_workers=cfg.num_workers, image_size=cfg.image_size, val_resize=cfg.val_resize,
         scale_aug=cfg.method not in cfg.no_scale_aug_methods, train_subset=cfg.train_subset,
         strict_data=cfg.strict_data, validation=cfg.data_validation,
@@ -93,24 +99,40 @@ class Run:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = distributed.init(cfg.device, cfg.dist_timeout)
+        if cfg.sync_bn:
+            distributed.check_sync_bn(self.device)  # before any data is loaded
+        # --batch-size is global: each process runs micro-batches of batch / (world x grad_accum).
+        self.micro_batch = micro_batch(cfg.batch_size, self.world.world_size, cfg.grad_accum)
         self.autocast, needs_scaler = make_autocast(cfg.amp, self.device)
         seed_everything(cfg.seed, cfg.deterministic)
-        self.train_loader, self.val_loader = create_loaders(loader_config(cfg, self.device))
+        self.train_loader, self.val_loader = create_loaders(
+            loader_config(cfg, self.device, self.world, self.micro_batch))
         log(f"data: {cfg.dataset} via the {self.train_loader.name} loader "
             f"({getattr(self.train_loader, 'reason', '')}); {self.train_loader.num_samples} train / "
-            f"{self.val_loader.num_samples} val samples")
+            f"{self.val_loader.num_samples} val samples per process")
         self.num_classes = self.train_loader.num_classes
-        self.model = build_model(cfg, self.num_classes, self.train_loader.in_channels, self.device)
+        model = build_model(cfg, self.num_classes, self.train_loader.in_channels, self.device)
+        if cfg.sync_bn:
+            model = distributed.convert_sync_bn(model, self.device)
+        self.model = model  # the bare network: what checkpoints hold
         self.head_names = self.model.head_names
         self.num_heads = self.model.num_heads
-        self.net = torch.compile(self.model) if cfg.compile else self.model
+        sampler = BranchSampler(self.num_heads, cfg.branch_prob, cfg.branch_sample_per, cfg.seed)
+        # DDP goes around the compiled module (torch's advice: Dynamo does not trace DDP's hooks);
+        # evaluation uses the compiled module directly, outside DDP (no collectives per batch).
+        self.eval_net = torch.compile(self.model) if cfg.compile else self.model
+        self.net = distributed.wrap_ddp(self.eval_net, self.device,
+                                        find_unused_parameters=not sampler.always_all)
+        if self.world.rank > 0:  # own dropout draws per process; rank 0 keeps the single-process stream
+            torch.manual_seed(_rank_seed(cfg.seed, self.world.rank))
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.train_loader) // cfg.grad_accum  # optimizer steps
         if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {cfg.batch_size} exceeds the {self.train_loader.num_samples} "
-                            "training samples: no full batch per epoch")
+            raise UserError(f"--batch-size {cfg.batch_size} (global) exceeds the training samples: "
+                            f"{self.train_loader.num_samples} per process, {self.micro_batch} per "
+                            f"micro-batch x {cfg.grad_accum} per step; no full step per epoch")
         self.parts = StepParts(
             model=self.net, optimizer=self.optimizer, scaler=self.scaler, autocast=self.autocast,
             lr=LRSchedule(cfg.lr, cfg.lr_schedule, tuple(cfg.milestones), cfg.gamma, cfg.warmup_epochs,
@@ -118,7 +140,7 @@ class Run:
             alpha=Ramp(cfg.alpha, cfg.alpha_ramp, ramp_epochs(cfg.alpha_ramp_epochs, cfg.epochs)),
             temperature=Ramp(cfg.temperature, cfg.temperature_ramp,
                              ramp_epochs(cfg.temperature_ramp_epochs, cfg.epochs), cfg.temperature_start),
-            sampler=BranchSampler(self.num_heads, cfg.branch_prob, cfg.branch_sample_per, cfg.seed),
+            sampler=sampler,
             loss_kwargs=dict(method=cfg.method, direction=cfg.direction, eps=cfg.eps,
                              label_smoothing=cfg.label_smoothing, reference=cfg.reference_loss),
         )
@@ -127,21 +149,37 @@ class Run:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        return {
+    def state(self, meter: TrainMeter | None = None, rng_ranks: list | None = None) -> dict:
+        state = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": dataclasses.asdict(self.progress),
-            "meter": self.meter.state_dict(),
+            "meter": (meter or self.meter).state_dict(),
             "rng": checkpoint.rng_state(),
             "config": self.cfg.to_dict(),
             "num_classes": self.num_classes,
+            "world_size": self.world.world_size,
         }
+        if rng_ranks is not None and len(rng_ranks) > 1:
+            state["rng_ranks"] = rng_ranks  # every process's own stream (dropout), for an exact resume
+        return state
 
     def save(self) -> None:
-        checkpoint.save_atomic(self.state(), self.out / checkpoint.LAST)
+        """Write last.pt. Every process calls this (it holds collectives); only rank 0 writes.
+
+        The saved meter holds the sums over all processes (a resumed rank 0 carries them, the other ranks
+        start from zero), and BatchNorm buffers are rank 0's everywhere. The closing barrier means no
+        process runs past a step before its checkpoint is on disk.
+        """
+        distributed.broadcast_buffers(self.model)
+        meter = distributed.reduce_train_meter(self.meter)
+        _check_finite(meter, self.progress.step)  # the same verdict on every process: never save NaNs
+        rng_ranks = distributed.gather_objects(checkpoint.rng_state())
+        if self.world.is_main:
+            checkpoint.save_atomic(self.state(meter, rng_ranks), self.out / checkpoint.LAST)
+        distributed.barrier()
 
     def resume(self, path: Path) -> None:
         ckpt = checkpoint.load(path, map_location=self.device)
@@ -159,27 +197,57 @@ class Run:
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
-        self.meter.load_state_dict(ckpt["meter"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        if self.world.is_main:  # the saved meter is the sum over every process of the saving run
+            self.meter.load_state_dict(ckpt["meter"])
+        rng_ranks = ckpt.get("rng_ranks")
+        if rng_ranks is not None and len(rng_ranks) == self.world.world_size:
+            checkpoint.set_rng_state(rng_ranks[self.world.rank])
+        elif self.world.is_main:
+            checkpoint.set_rng_state(ckpt["rng"])
+        else:  # saved by another number of processes: a fresh stream of its own, from (seed, rank, step)
+            torch.manual_seed(_rank_seed(self.cfg.seed, self.world.rank, self.progress.step))
         log(f"resumed from {path} at epoch {self.progress.epoch + 1}, step {self.progress.step}")
 
     def resume_path(self) -> Path | None:
+        """The checkpoint to resume from, as rank 0 sees it (every process must take the same decision)."""
         if self.cfg.resume and self.cfg.resume != "auto":
-            return Path(self.cfg.resume)
-        last = self.out / checkpoint.LAST
-        return last if last.is_file() else None
+            path: Path | None = Path(self.cfg.resume)
+        else:
+            last = self.out / checkpoint.LAST
+            path = last if last.is_file() else None
+        path = distributed.gather_objects(path)[0]
+        if path is not None and not path.is_file():
+            raise UserError(f"process {self.world.rank} cannot see {path}, which rank 0 resumes from: "
+                            "--out must be on a filesystem every node shares")
+        return path
 
     # --- the loop ------------------------------------------------------------------------------
 
+    def batch_info(self) -> dict:
+        w = self.world.world_size
+        return {"global": self.cfg.batch_size, "per_process": self.cfg.batch_size // w,
+                "micro": self.micro_batch, "grad_accum": self.cfg.grad_accum, "processes": w}
+
     def train(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(".*.pt.*.tmp"):  # a write cut short by a kill; its target is intact
+                stale.unlink(missing_ok=True)
         path = self.resume_path()
         if path is not None:
             self.resume(path)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log(f"training {cfg.arch} with {cfg.method} for {cfg.epochs} epochs on {self.device} "
-            f"({self.steps_per_epoch} steps/epoch, batch {cfg.batch_size}, amp {cfg.amp}); outputs in {self.out}")
+        if self.world.is_main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        b = self.batch_info()
+        where = (f"{b['processes']} processes ({self.world.backend}), " if self.world.distributed else "")
+        log(f"training {cfg.arch} with {cfg.method} for {cfg.epochs} epochs on {where}{self.device} "
+            f"({self.steps_per_epoch} steps/epoch, amp {cfg.amp}); outputs in {self.out}")
+        recipe = (f" (recipe: {cfg.reference_lr:g} at batch {cfg.reference_batch_size})"
+                  if cfg.reference_lr is not None else "")
+        log(f"batch: global {b['global']} = {b['processes']} process(es) x {b['per_process']} per process "
+            f"({b['grad_accum']} micro-batch(es) of {b['micro']}); lr {cfg.lr:g}{recipe}, "
+            f"warm-up {cfg.warmup_epochs:g} epochs")
         try:
             while self.progress.epoch < cfg.epochs:
                 if not self.train_epoch():
@@ -193,49 +261,59 @@ class Run:
 
     def train_epoch(self) -> bool:
         cfg, p = self.cfg, self.progress
-        start_batch = p.step - p.epoch * self.steps_per_epoch
+        start_step = p.step - p.epoch * self.steps_per_epoch
+        start_batch = start_step * cfg.grad_accum  # the loader counts micro-batches
         _set_epoch(self.train_loader, p.epoch, start_batch)
-        bar = tqdm(self.train_loader, total=self.steps_per_epoch, initial=start_batch, file=sys.stdout,
-                   desc=f"epoch {p.epoch + 1}/{cfg.epochs}", mininterval=2.0, leave=False, dynamic_ncols=True)
+        bar = tqdm(self.train_loader, total=self.steps_per_epoch * cfg.grad_accum, initial=start_batch,
+                   file=sys.stdout, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", mininterval=2.0, leave=False,
+                   dynamic_ncols=True, disable=not self.world.is_main)
         t0 = time.perf_counter()
 
-        def on_log(info: dict) -> None:
-            bar.set_postfix(loss=f"{info['loss']:.3f}", lr=f"{info['lr']:.4f}", img_s=f"{info['img_per_s']:.0f}")
+        def on_log(info: dict) -> None:  # rank 0's own shard: the reduced numbers go to the log
+            bar.set_postfix(loss=f"{info['loss']:.3f}", lr=f"{info['lr']:.4f}",
+                            img_s=f"{info['img_per_s'] * self.world.world_size:.0f}")
 
         finished = train_one_epoch(
             self.parts, bar, p, self.meter, steps_per_epoch=self.steps_per_epoch, max_steps=cfg.max_steps,
             log_every=cfg.log_every_steps, on_log=on_log, checkpoint_every=cfg.save_every_steps,
-            on_checkpoint=self.save,
+            on_checkpoint=self.save, grad_accum=cfg.grad_accum,
         )
         bar.close()
         if not finished:
             self.save()
             return False
         train_time = time.perf_counter() - t0
-        val = evaluate(self.net, self.val_loader, self.num_heads, self.autocast, self.device,
-                       head_names=self.head_names)
+        distributed.broadcast_buffers(self.model)  # every process evaluates rank 0's BatchNorm statistics
+        val = evaluate(self.eval_net, self.val_loader, self.num_heads, self.autocast, self.device,
+                       reduce=distributed.all_reduce_sum, head_names=self.head_names)
+        meter = distributed.reduce_train_meter(self.meter)  # over every process
+        _check_finite(meter, p.step)
         epoch_progress = p.epoch + 1
         record = {
             "epoch": p.epoch, "step": p.step, "lr": self.parts.lr.lr(epoch_progress - 1e-9),
             "alpha": self.parts.alpha.at(epoch_progress - 1e-9),
             "temperature": self.parts.temperature.at(epoch_progress - 1e-9),
-            "train": self.meter.summary(self.head_names), "val": val,
-            "train_seconds": train_time, "train_img_per_s": self.meter.samples / max(train_time, 1e-9),
+            "train": meter.summary(self.head_names), "val": val,
+            "train_seconds": train_time, "train_img_per_s": meter.samples / max(train_time, 1e-9),
+            "batch": self.batch_info(),
         }
-        top1 = val["heads"]["main"]["top1"]
+        top1 = val["heads"]["main"]["top1"]  # reduced: the same on every process, so is the decision
         if top1 > p.best_top1:
             p.best_top1, p.best_epoch = top1, p.epoch
-            checkpoint.save_atomic({"model": self.model.state_dict(), "config": cfg.to_dict(),
-                                    "num_classes": self.num_classes, "epoch": p.epoch, "top1": top1},
-                                   self.out / checkpoint.BEST)
+            if self.world.is_main:
+                checkpoint.save_atomic({"model": self.model.state_dict(), "config": cfg.to_dict(),
+                                        "num_classes": self.num_classes, "epoch": p.epoch, "top1": top1},
+                                       self.out / checkpoint.BEST)
         p.history.append(record)
         p.epoch += 1
         self.meter = TrainMeter(self.num_heads, self.device)
         self.save()
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        plot_curves(p.history, self.out / "curves.png", f"{cfg.arch} / {cfg.method} / {cfg.dataset}")
-        _report_skipped(self.train_loader, self.val_loader)
+        if self.world.is_main:
+            # Rewritten from the history the checkpoint holds, so a run killed between the two writes
+            # and resumed never loses or repeats a record.
+            _write_atomic(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in p.history))
+            plot_curves(p.history, self.out / "curves.png", f"{cfg.arch} / {cfg.method} / {cfg.dataset}")
+            _report_skipped(self.train_loader, self.val_loader)
         heads = "  ".join(f"{n} {h['top1']:.2f}%" for n, h in val["heads"].items())
         log(f"epoch {p.epoch}/{cfg.epochs}: train loss {record['train']['loss']:.4f}, "
             f"{record['train_img_per_s']:.0f} img/s; val top-1 {heads}")
@@ -248,12 +326,32 @@ class Run:
             "best_epoch": p.best_epoch + 1 if p.best_epoch >= 0 else None,
             "best_main_top1": p.best_top1 if p.best_epoch >= 0 else None,
             "final": p.history[-1]["val"] if p.history else None,
+            "batch": self.batch_info(),
             "outputs": {k: str(self.out / v) for k, v in
                         (("last", checkpoint.LAST), ("best", checkpoint.BEST), ("log", "log.jsonl"),
                          ("curves", "curves.png"))},
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.world.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        distributed.barrier()
+        distributed.destroy()
         return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _check_finite(meter: TrainMeter, step: int) -> None:
+    """Stop (on every process alike) when any process's loss went non-finite since the last check."""
+    if not torch.isfinite(meter.loss_sum).item():
+        raise NonFiniteLoss(step)
 
 
 def _report_skipped(*loaders) -> None:
@@ -277,11 +375,14 @@ def _set_epoch(loader, epoch: int, start_batch: int) -> None:
 
 
 def evaluate_weights(cfg: TrainConfig) -> dict:
-    """--eval-only: per-head accuracy of a checkpoint (ours or the authors' release naming)."""
-    device = resolve_device(cfg.device)
+    """--eval-only: per-head accuracy of a checkpoint (ours or the authors' release naming).
+
+    Under torchrun each process evaluates its shard of the validation set and the counts are summed.
+    """
+    world, device = distributed.init(cfg.device, cfg.dist_timeout)
     autocast, _ = make_autocast(cfg.amp, device)
     seed_everything(cfg.seed, cfg.deterministic)
-    _, val_loader = create_loaders(loader_config(cfg, device))
+    _, val_loader = create_loaders(loader_config(cfg, device, world))
     state = checkpoint.model_state(checkpoint.load(cfg.weights, map_location=device))
     if any("_head1" in k or "_head2" in k for k in state):
         from dhm_fast.export import from_release
@@ -291,4 +392,7 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
     if model.num_heads == 1:  # evaluating the inference network: branch weights are not needed
         state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
     checkpoint.load_model_weights(model, state, cfg.weights, f"{cfg.arch} ({cfg.method})")
-    return evaluate(model, val_loader, model.num_heads, autocast, device, head_names=model.head_names)
+    result = evaluate(model, val_loader, model.num_heads, autocast, device, reduce=distributed.all_reduce_sum,
+                      head_names=model.head_names)
+    distributed.destroy()
+    return result

@@ -92,6 +92,13 @@ class MemoryLoader:
         flips = torch.rand(n, generator=g) < 0.5
         return order.to(self.device), offsets.to(self.device), flips.to(self.device)
 
+    def indices(self) -> Tensor:
+        """Sample indices this process reads in the current epoch, in the order batches yield them
+        (from the epoch's first batch, whatever `start_batch` is); for audits and tests."""
+        if self._plan is None:
+            self._plan = self._make_plan()
+        return self._plan[0][: len(self) * self.batch_size]
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self._plan is None:
             self._plan = self._make_plan()

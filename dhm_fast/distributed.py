@@ -1,0 +1,235 @@
+"""Multi-process training on PyTorch's own engine: torchrun's environment, process group, DDP, reductions.
+
+A process learns its place from the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, plus
+MASTER_ADDR/MASTER_PORT for the rendezvous). Without them (or with WORLD_SIZE=1) it is a single
+process: no launcher, no process group, and every helper here is a no-op.
+
+Backends: NCCL on CUDA (each process on the GPU its LOCAL_RANK names), gloo on the CPU. Every
+collective has a timeout, so a dead or hung peer makes the survivors raise instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dhm_fast.errors import UserError
+from dhm_fast.metrics import TrainMeter
+
+DEFAULT_TIMEOUT_S = 600.0  # long enough for a first torch.compile or a big checkpoint write on rank 0
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None  # None: a single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def world_from_env(env: dict[str, str] | None = None) -> World:
+    """Rank, local rank and world size from torchrun's variables (a single process when they are absent)."""
+    env = os.environ if env is None else env
+    try:
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UserError("RANK, LOCAL_RANK and WORLD_SIZE must be integers (torchrun sets them)") from None
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise UserError(f"inconsistent launcher variables: RANK={rank}, LOCAL_RANK={local_rank}, "
+                        f"WORLD_SIZE={world_size}")
+    return World(rank, local_rank, world_size)
+
+
+def process_device(name: str, world: World) -> torch.device:
+    """The device this process trains on: under a launcher, a CUDA process takes GPU LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is available here")
+    if device.type != "cuda" or not world.distributed:
+        return device
+    if device.index is not None:
+        raise UserError(f"--device {name}: under torchrun each process takes its GPU from LOCAL_RANK; "
+                        "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    if world.local_rank >= count:
+        raise UserError(f"LOCAL_RANK {world.local_rank} but only {count} GPU(s) visible on this node; "
+                        "start at most one process per GPU (--nproc_per_node)")
+    return torch.device("cuda", world.local_rank)
+
+
+def init(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (if any); returns this process's world and device."""
+    world = world_from_env()
+    device = process_device(device_name, world)
+    if not world.distributed:
+        return world, device
+    if timeout_s <= 0:
+        raise UserError(f"--dist-timeout must be positive, got {timeout_s}")
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise UserError(f"WORLD_SIZE={world.world_size} but {var} is not set; launch with torchrun")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, store=_attempt_store(timeout), rank=world.rank,
+                                world_size=world.world_size, timeout=timeout, **kwargs)
+    return World(world.rank, world.local_rank, world.world_size, backend), device
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of torchrun's environment, with keys private to this restart attempt.
+
+    torchrun's agent serves one store for the whole job; the processes of a restarted group would
+    otherwise find the dead group's addresses under the same keys and fail to connect (seen in about
+    half of the restarts with gloo). TORCHELASTIC_RESTART_COUNT numbers the attempts.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dhm_fast/attempt_{attempt}", store)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a single process."""
+    return not active() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
+    """Sum every tensor across processes, in place; one collective per dtype, not per tensor."""
+    if not active() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def reduce_train_meter(meter: TrainMeter) -> TrainMeter:
+    """A copy of `meter` holding the sums over every process (the meter itself is left as it is)."""
+    out = TrainMeter(meter.num_heads, meter.loss_sum.device)
+    out.load_state_dict({k: v.clone() if isinstance(v, Tensor) else _copy(v)
+                         for k, v in meter.state_dict().items()})
+    if not active():
+        return out
+    h = meter.num_heads
+    # Host-side counts go through the same collective as float64 (exact for any realistic count).
+    counts = torch.tensor([out.samples, *out.head_samples, *(c for row in out.pair_samples for c in row)],
+                          dtype=torch.float64, device=out.loss_sum.device)
+    all_reduce_sum([out.loss_sum, out.ce_sum, out.kl_sum, out.correct, counts])
+    values = [int(round(c)) for c in counts.tolist()]
+    out.samples, out.head_samples = values[0], values[1: 1 + h]
+    out.pair_samples = [values[1 + h + i * h: 1 + h + (i + 1) * h] for i in range(h)]
+    return out
+
+
+def _copy(value):
+    return [_copy(v) for v in value] if isinstance(value, list) else value
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics) before evaluating or saving.
+
+    DDP is built with forward_sync_buffers=False (no collective in every forward): each process's running
+    statistics then follow its own shard, and this one broadcast makes them rank 0's everywhere. Rank 0's
+    are exactly what DDP's per-forward broadcast would have left on rank 0, since that broadcast only
+    overwrites the other ranks.
+    """
+    if not active():
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
+    """DistributedDataParallel around the (already channels-last / compiled) model; no-op when alone.
+
+    find_unused_parameters only when branches can be skipped (branch_prob < 1): the active set is the
+    same on every rank, so a skipped branch is unused everywhere, DDP leaves its gradients None and SGD
+    skips it, exactly as in a single process. Always-on branches pay nothing for the detection.
+    """
+    if not active():
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        forward_sync_buffers=False,  # buffers are broadcast once before eval/save instead
+        find_unused_parameters=find_unused_parameters,
+        gradient_as_bucket_view=True,  # gradients live in the communication buckets: no extra copy
+    )
+
+
+def check_sync_bn(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); "
+                        "drop --sync-bn on the CPU")
+
+
+def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (statistics over the global batch); CUDA only."""
+    check_sync_bn(device)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order (a list of one in a single process)."""
+    if not active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def is_dist_error(exc: BaseException) -> bool:
+    """A failed collective: a dead, hung or unreachable peer (gloo raises a plain RuntimeError)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer",
+                            "Timed out waiting", "ProcessGroup")
+    )
