@@ -221,40 +221,63 @@ def assert_same_as_uninterrupted(out: Path, reference: Path) -> None:
                                                                    for r in ref_log]
 
 
-@needs_fashion
-@pytest.mark.slow
-def test_a_killed_process_stops_its_peer_and_a_relaunch_resumes(data_dir, tmp_path, two_process_run):
-    out = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "train.py"), *COMMON, "--data-dir", data_dir, *FAULT_RUN,
-            "--out", str(out)]
+def fail_one_of_two(args: list[str], out: Path, tmp_path: Path, sig: int) -> tuple[int, float, str]:
+    """Start 2 processes as torchrun would, but without its agent (the survivor must act alone); after
+    the first checkpoint send `sig` to rank 1. Returns rank 0's exit code, its time to exit, its output."""
     port = str(free_port())
     procs, logs = [], []
-    for rank in range(2):  # what torchrun would start, without its agent: the survivor must act alone
+    for rank in range(2):
         logs.append(open(tmp_path / f"rank{rank}.txt", "w+"))  # noqa: SIM115
         procs.append(subprocess.Popen(args, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT, env=env(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
             MASTER_ADDR="127.0.0.1", MASTER_PORT=port)))
     try:
         wait_for_checkpoint(out / "last.pt", procs)
-        procs[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = procs[0].wait(timeout=90)
-        waited = time.monotonic() - killed_at
+        procs[1].send_signal(sig)
+        failed_at = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        waited = time.monotonic() - failed_at
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    logs[0].seek(0)
-    survivor = logs[0].read()
+        for f in logs:
+            f.close()
+    return code, waited, (tmp_path / "rank0.txt").read_text()
+
+
+def assert_mid_run_checkpoint(out: Path) -> int:
+    step = checkpoint.load(out / "last.pt")["progress"]["step"]  # loads: intact
+    assert step % 3 == 0 and 3 <= step < STEPS
+    return step
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_killed_process_stops_its_peer_and_a_relaunch_resumes(data_dir, tmp_path, two_process_run):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), *COMMON, "--data-dir", data_dir, *FAULT_RUN,
+            "--out", str(out)]
+    code, waited, survivor = fail_one_of_two(args, out, tmp_path, signal.SIGKILL)
     assert code != 0 and waited < 60, (code, waited, survivor[-2000:])
     assert "peer process died" in survivor, survivor[-2000:]
-    kept = checkpoint.load(out / "last.pt")  # intact, and mid-run
-    step = kept["progress"]["step"]
-    assert step % 3 == 0 and 3 <= step < STEPS
+    step = assert_mid_run_checkpoint(out)
     result = run(torchrun_cmd(*args[1:]))  # the same command under torchrun picks up last.pt
     assert f"resumed from {out / 'last.pt'}" in result.stdout and f"step {step}" in result.stdout
     assert_same_as_uninterrupted(out, two_process_run[0])
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_hung_process_makes_its_peer_time_out(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), *COMMON, "--data-dir", data_dir, *FAULT_RUN,
+            "--out", str(out), "--dist-timeout", "15"]  # the last --dist-timeout wins
+    code, waited, survivor = fail_one_of_two(args, out, tmp_path, signal.SIGSTOP)  # alive, silent
+    assert code != 0 and 10 < waited < 60, (code, waited, survivor[-2000:])
+    assert "peer process died, hung or became unreachable" in survivor, survivor[-2000:]
+    assert_mid_run_checkpoint(out)
 
 
 @needs_fashion
