@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimizer step (same global "
                    "batch on fewer GPUs)")
     g.add_argument("--scale-lr", action=bool_flag, help="linear scaling rule: the recipe's lr x global "
-                   "batch / recipe batch, with warm-up for larger batches (an explicit --lr is used as given)")
+                   "batch / recipe batch, with warm-up for larger batches (an explicit --lr is used as "
+                   "given)")
     g.add_argument("--lr", type=float, help="base learning rate")
     g.add_argument("--momentum", type=float, help="SGD momentum")
     g.add_argument("--nesterov", action=bool_flag, help="Nesterov momentum")
@@ -152,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg) -> int:
-    from dhm_fast.run import Run, evaluate_weights
-
     from dhm_fast.distributed import world_from_env
+    from dhm_fast.run import Run, evaluate_weights
 
     if cfg.eval_only:
         result = evaluate_weights(cfg)
