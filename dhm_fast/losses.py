@@ -199,7 +199,8 @@ def dhm_loss(
     # Only the active heads go to the backend; their weights are sliced to match.
     idx = [i for i in range(h) if act[i]]
     device = logits[0].device
-    ce_t, kl_t = _weight_tensors(tuple(ce_w[i] for i in idx), tuple(tuple(kl_w[i][j] for j in idx) for i in idx), device)
+    kl_active = tuple(tuple(kl_w[i][j] for j in idx) for i in idx)
+    ce_t, kl_t = _weight_tensors(tuple(ce_w[i] for i in idx), kl_active, device)
     backend = _pick_backend(reference)
     loss, compact = backend(
         [logits[i] for i in idx], target, ce_t, kl_t, float(temperature), float(alpha), float(eps),
