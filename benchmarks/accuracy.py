@@ -242,10 +242,12 @@ def plot(payload: dict, path: Path) -> None:
         return
     fig, (ax_acc, ax_curve, ax_kl) = plt.subplots(1, 3, figsize=(16, 0.5 * len(variants) + 3.5))
     names = list(variants)
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    color = {name: cmap(i % cmap.N) for i, name in enumerate(names)}  # one colour per variant everywhere
     for y, name in enumerate(names):
         v = variants[name]
         ax_acc.scatter(v["main_top1"], [y] * v["n"], color="tab:gray", s=18, zorder=2)
-        ax_acc.errorbar(v["mean"], y, xerr=v["std"] or 0, fmt="o", color="tab:red", capsize=4, zorder=3)
+        ax_acc.errorbar(v["mean"], y, xerr=v["std"] or 0, fmt="o", color=color[name], capsize=4, zorder=3)
         ax_acc.annotate(_fmt(v["mean"], v["std"]), (v["mean"], y), textcoords="offset points", xytext=(0, 7),
                         ha="center", fontsize=8)
     ax_acc.set_yticks(range(len(names)), names)
@@ -258,11 +260,11 @@ def plot(payload: dict, path: Path) -> None:
         curves = [r["curve_main_top1"] for r in runs]
         n_ep = min(len(c) for c in curves)
         mean = [statistics.fmean(c[e] for c in curves) for e in range(n_ep)]
-        ax_curve.plot(range(1, n_ep + 1), mean, marker=".", label=name)
+        ax_curve.plot(range(1, n_ep + 1), mean, marker=".", label=name, color=color[name])
         kls = [r["curve_mean_kl"] for r in runs if r["curve_mean_kl"][0] is not None]
         if kls:
             kl = [math.exp(statistics.fmean(math.log(max(c[e], 1e-12)) for c in kls)) for e in range(n_ep)]
-            ax_kl.plot(range(1, n_ep + 1), kl, marker=".", label=name)
+            ax_kl.plot(range(1, n_ep + 1), kl, marker=".", label=name, color=color[name])
     ax_curve.set(title="main-head test top-1 per epoch (mean over seeds)", xlabel="epoch", ylabel="top-1 %")
     ax_kl.set(title="mean pairwise train KL per epoch (heads agreeing)", xlabel="epoch", yscale="log")
     for ax in (ax_curve, ax_kl):
@@ -292,7 +294,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke version: 2 epochs on 2,048 images, 1 seed")
     p.add_argument("--variants", default="main", help="comma-separated variants or groups "
                    f"({', '.join(GROUPS)}); variants: {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list")
+    p.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list "
+                   "('3,4'; '0,' for seed 0 alone)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--milestones", default=None, help="lr x0.1 epochs (default: half and three quarters)")
     p.add_argument("--train-subset", type=int, default=10000)
@@ -315,8 +318,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.milestones = ([float(x) for x in args.milestones.split(",") if x.strip()] if args.milestones
                        else sorted({float(m) for m in (round(args.epochs / 2), round(3 * args.epochs / 4))
                                     if 0 < m < args.epochs}))
-    args.seed_list = (list(range(int(args.seeds))) if "," not in args.seeds and args.seeds.strip().isdigit()
-                      else [int(s) for s in args.seeds.split(",") if s.strip()])
+    try:
+        args.seed_list = (list(range(int(args.seeds))) if "," not in args.seeds
+                          else [int(s) for s in args.seeds.split(",") if s.strip()])
+    except ValueError:
+        p.error(f"--seeds: expected a count or a comma-separated list, got {args.seeds!r}")
+    if not args.seed_list:
+        p.error("--seeds: no seed to run (a single number is a count; for seed 0 alone pass '0,')")
     names: list[str] = []
     for item in (s.strip() for s in args.variants.split(",") if s.strip()):
         for v in GROUPS.get(item, [item]):
