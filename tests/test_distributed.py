@@ -351,7 +351,7 @@ def test_recipes_scale_with_the_global_batch():
     assert (base.batch_size, base.lr, base.reference_batch_size) == (256, 0.1, 256)
     big = build_config("imagenet-resnet50", {"batch_size": 2048})
     assert big.lr == pytest.approx(0.8) and big.warmup_epochs == pytest.approx(5.0)
-    short = build_config(None, {"batch_size": 512})  # default: batch 128, lr 0.1, 3 epochs, warm-up 0.2
+    short = build_config(None, {"batch_size": 512, "epochs": 3})  # default recipe: batch 128, lr 0.1, warm-up 0.2
     assert short.lr == pytest.approx(0.4) and short.warmup_epochs == pytest.approx(0.3)
     assert build_config(None, {"batch_size": 512, "lr": 0.2}).lr == 0.2
     assert build_config(None, {"batch_size": 512, "scale_lr": False}).lr == 0.1
