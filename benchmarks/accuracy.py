@@ -174,7 +174,7 @@ def collect_finished(args: argparse.Namespace) -> list[dict]:
 def write_results(args: argparse.Namespace, errors: list[dict], command: str) -> Path:
     records = collect_finished(args) + errors
     present = {r["variant"] for r in records}
-    variants = args.variant_list + [v for v in VARIANTS if v in present and v not in args.variant_list]
+    variants = [v for v in VARIANTS if v in present or v in args.variant_list]  # a stable order
     table = aggregate(records, variants)
     base = args.results / f"accuracy-{args.name}"
     base.parent.mkdir(parents=True, exist_ok=True)
