@@ -41,8 +41,10 @@ $(VENV)/.stamp-project: $(VENV)/.stamp-torch pyproject.toml setup.py $(wildcard 
 	$(PIP) install --quiet --no-build-isolation -e .
 	touch $@
 
+# The dev tools listed in pyproject.toml, installed without reinstalling (and recompiling) the project.
 $(VENV)/.stamp-dev: $(VENV)/.stamp-project
-	$(PIP) install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev'], sep='\n')" \
+	  | xargs -d '\n' $(PIP) install --quiet
 	touch $@
 
 $(VENV)/.stamp-extras: $(VENV)/.stamp-project pipelines/install_extras.sh

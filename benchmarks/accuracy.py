@@ -73,11 +73,19 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                       _DHM + _WARM + ["--temperature", "4"]),
     "dhm-warmup-top-down": ("DHM, alpha warm-up over the first half, top-down only",
                             _DHM + _WARM + ["--direction", "top-down"]),
+    "dsl-aux0": ("deep supervision with the auxiliary heads' CE weighted 0: the baseline's gradients, "
+                 "branches built", ["--method", "dsl", "--aux-weight", "0"]),
+    "dsl-aux0.5": ("deep supervision, auxiliary heads' CE weighted 0.5", ["--method", "dsl", "--aux-weight", "0.5"]),
+    "dhm-warmup-aux0.5": ("DHM with warm-up, auxiliary heads' CE weighted 0.5",
+                          _DHM + _WARM + ["--aux-weight", "0.5"]),
+    "dhm-warmup-aux0.2": ("DHM with warm-up, auxiliary heads' CE weighted 0.2",
+                          _DHM + _WARM + ["--aux-weight", "0.2"]),
 }
 GROUPS = {
     "main": ["baseline", "dsl", "dhm", "dhm-warmup"],
     "investigate": ["dhm-T4", "dhm-top-down", "dhm-bottom-up", "dhm-p0.5", "dhm-alpha0.1", "dhm-alpha0.3",
-                    "dhm-cosine", "dhm-warmup-quarter", "dhm-warmup-T4", "dhm-warmup-top-down"],
+                    "dhm-cosine", "dhm-warmup-quarter", "dhm-warmup-T4", "dhm-warmup-top-down",
+                    "dsl-aux0", "dsl-aux0.5", "dhm-warmup-aux0.5", "dhm-warmup-aux0.2"],
 }
 
 
@@ -159,16 +167,23 @@ def aggregate(records: list[dict], variants: list[str]) -> dict[str, dict]:
 
 def collect_finished(args: argparse.Namespace) -> list[dict]:
     """Every finished run under <runs>/<name>, whichever benchmark invocation trained it: two
-    invocations sharing a name (e.g. the main methods and the investigation) make one table."""
+    invocations sharing a name (e.g. the main methods and the investigation) make one table. Runs
+    recorded in the results JSON whose folders are gone (trained on another machine) are kept."""
+    found = {}
+    previous = args.results / f"accuracy-{args.name}.json"
+    if previous.is_file():
+        for r in json.loads(previous.read_text())["runs"]:
+            if "error" not in r and r["variant"] in VARIANTS:
+                found[r["variant"], r["seed"]] = r
     root = args.runs if args.runs.is_absolute() else ROOT / args.runs
-    found = []
     for variant in VARIANTS:
         for out in sorted((root / args.name / variant).glob("seed*")):
             summary = out / "summary.json"
             if (out / "bench_command.json").is_file() and summary.is_file() \
                     and not json.loads(summary.read_text())["stopped_early"]:
-                found.append(read_run(out, variant, int(out.name[len("seed"):])))
-    return found
+                seed = int(out.name[len("seed"):])
+                found[variant, seed] = read_run(out, variant, seed)
+    return list(found.values())
 
 
 def write_results(args: argparse.Namespace, errors: list[dict], command: str) -> Path:

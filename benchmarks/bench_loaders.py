@@ -7,7 +7,8 @@
    resolution (like for like: every backend decodes a JPEG per image), "ffcv-proportion" stores half
    of them as raw pixels (FFCV's ImageNet recipe; a bigger file, less decoding).
 2. 32x32 data (CIFAR-sized, random uint8): the in-memory loader (pipelines.memory: the whole set is
-   one tensor, pad-crop + flip + normalise on whole batches) against torchvision's per-sample
+   one tensor, pad-crop + flip + normalise on whole batches; NCHW and channels-last batches, the
+   trainer's default) against torchvision's per-sample
    pipeline (a Dataset of PIL images with RandomCrop(32, padding=4) + flip + ToTensor + Normalize).
 
 Each loader runs one warm-up pass (FFCV compiles its pipeline then; DALI and the DataLoader start
@@ -183,10 +184,11 @@ def bench_small(num_images: int, workers: int, seconds: float, batch_size: int) 
     labels = rng.integers(0, 10, num_images)
     results = {}
     split = ArraySplit(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
-    memory = MemoryLoader(split, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), batch_size=batch_size,
-                          train=True, padding=4)
-    results["memory"] = throughput(memory, seconds)
-    print_row("memory (32x32)", results["memory"])
+    for name, channels_last in (("memory", False), ("memory-channels-last", True)):
+        memory = MemoryLoader(split, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), batch_size=batch_size,
+                              train=True, padding=4, channels_last=channels_last)
+        results[name] = throughput(memory, seconds)
+        print_row(f"{name} (32x32)", results[name])
     per_sample = torch.utils.data.DataLoader(_PerSampleCifar(images, labels), batch_size=batch_size,
                                              shuffle=True, num_workers=workers, drop_last=True,
                                              persistent_workers=workers > 0)

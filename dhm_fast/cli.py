@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(shallower heads learn from deeper ones), bottom-up (the reverse)")
     g.add_argument("--eps", type=float, help="smoothing of both distributions in the KL (the release: 1e-8)")
     g.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy terms")
+    g.add_argument("--aux-weight", type=float, help="weight of every auxiliary head's cross-entropy "
+                   "(lambda_h, h > 0; the paper: 1)")
     g.add_argument("--branch-prob", type=float, help="probability that each branch is active (1 = always)")
     g.add_argument("--branch-sample-per", choices=PER_CHOICES, help="draw the active branches per step or epoch")
     g.add_argument("--reference-loss", action=bool_flag, help="use the plain-PyTorch loss, not the fused op")

@@ -6,6 +6,7 @@ Precedence: dataclass defaults < recipe (dhm_fast/recipes/<name>.toml) < command
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -62,6 +63,7 @@ class TrainConfig:
     direction: str = "both"
     eps: float = 1e-8
     label_smoothing: float = 0.0
+    aux_weight: float = 1.0  # lambda_h of every auxiliary head's CE (the paper: 1)
     branch_prob: float = 1.0
     branch_sample_per: str = "step"  # step | epoch
     reference_loss: bool = False  # force the plain-PyTorch loss instead of the fused op
@@ -152,6 +154,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--temperature must be positive, got {cfg.temperature}")
     if not 0.0 <= cfg.branch_prob <= 1.0:
         raise UserError(f"--branch-prob must lie in [0, 1], got {cfg.branch_prob}")
+    if not (cfg.aux_weight >= 0.0 and math.isfinite(cfg.aux_weight)):
+        raise UserError(f"--aux-weight must be a finite number >= 0, got {cfg.aux_weight}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
     if cfg.dist_timeout <= 0:

@@ -50,7 +50,7 @@ class StepParts:
     alpha: Ramp
     temperature: Ramp
     sampler: BranchSampler
-    loss_kwargs: dict  # method, direction, eps, label_smoothing, reference
+    loss_kwargs: dict  # method, direction, eps, label_smoothing, ce_weights, reference
 
 
 def train_one_epoch(

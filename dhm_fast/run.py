@@ -142,6 +142,7 @@ class Run:
                              ramp_epochs(cfg.temperature_ramp_epochs, cfg.epochs), cfg.temperature_start),
             sampler=sampler,
             loss_kwargs=dict(method=cfg.method, direction=cfg.direction, eps=cfg.eps,
+                             ce_weights=(1.0,) + (cfg.aux_weight,) * (self.num_heads - 1),
                              label_smoothing=cfg.label_smoothing, reference=cfg.reference_loss),
         )
         self.progress = Progress()

@@ -52,7 +52,7 @@ struct RowConsts {
 // exp, for x <= 0 (every caller passes a logit minus its row max, or NaN): x = n ln2 + r with
 // |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by Taylor to degree 7 (truncation ~5e-9, below
 // float rounding), scaled by 2^n through the exponent bits. Max relative error ~1e-7 (measured).
-inline float host_exp(float x) {
+inline __attribute__((always_inline)) float host_exp(float x) {
   const float lo = -87.33654f;  // log(FLT_MIN): below it the result is 0 (no denormals)
   const bool under = x < lo;
   const float xc = under ? lo : x;
@@ -78,7 +78,7 @@ inline float host_exp(float x) {
 // [sqrt(1/2), sqrt(2)) (found with integer arithmetic: shift the bits so that the exponent field
 // rolls over at sqrt(1/2)), f = m - 1 and log1p(f) = f - f^2/2 + f^3 R(f), R a degree-7 polynomial
 // fitted (least squares, relative error weighted) for this project: relative error 7e-9, no division.
-inline float host_log(float x) {
+inline __attribute__((always_inline)) float host_log(float x) {
   constexpr int32_t kSqrtHalf = 0x3f3504f3;  // bits of sqrt(1/2)
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));

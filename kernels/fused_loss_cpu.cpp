@@ -20,6 +20,13 @@
 namespace dhm {
 namespace {
 
+// log of a softmax denominator (>= 1, or NaN from NaN logits, which must stay NaN): the inline
+// polynomial log instead of a libm call, which was ~4% of a row at K = 100.
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t sum_log(acc_t x) {
+  return x >= acc_t(1) && x <= std::numeric_limits<acc_t>::max() ? row_log(x) : std::log(x);
+}
+
 // Everything one row needs besides its logits.
 template <typename acc_t>
 struct RowJob {
@@ -28,6 +35,7 @@ struct RowJob {
   const float* kl_w;  // [H, H], teacher row, student column
   int64_t kpad;       // stride between the per-head scratch arrays (K rounded up to 16)
   int64_t n;          // classes the loops run over: K, or kpad for padded rows
+  acc_t uniform_w;    // w when every head teaches every other with weight w (DHM's default), else 0
 };
 
 // One row: per-head CE and softmaxes, all pairwise KL terms, and (when g != nullptr) the gradient
@@ -54,6 +62,8 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
   acc_t* pt = kSmooth ? take(heads * kpad) : q;        // p~ (teacher), per head; eps = 0: q
   acc_t* s = kTwoTemps ? take(heads * kpad) : q;       // softmax(z), per head; T = 1: q
   acc_t* mix = take(kpad);                             // one student's teacher mixture
+  const bool uniform = job.uniform_w != acc_t(0) && heads > 2;
+  acc_t* total = uniform ? take(kpad) : nullptr;       // sum_i p~_i over every head
   acc_t* ce = out;
   acc_t* kl = out + heads;
   acc_t* correct = out + heads + heads * heads;
@@ -75,8 +85,12 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     }
     // Correct iff the target holds the first maximum (torch.argmax's tie rule).
     const acc_t zy = zh[y];
-    bool hit = zy == m;
-    for (int64_t k = 0; hit && k < y; ++k) hit = zh[k] < m;
+    int earlier_max = 0;
+    if (zy == m) {
+#pragma omp simd reduction(| : earlier_max)
+      for (int64_t k = 0; k < y; ++k) earlier_max |= zh[k] == m;
+    }
+    const bool hit = zy == m && earlier_max == 0;
     correct[h] = hit ? acc_t(1) : acc_t(0);
 
     acc_t sum_t = 0;
@@ -99,8 +113,8 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) sh[k] *= inv_1;
     }
-    ce[h] = row_ce<acc_t>(std::log(sum_1), m - zy, shifted_sum / static_cast<acc_t>(K), c.smooth);
-    const acc_t log_sum_t = std::log(sum_t), inv_sum_t = acc_t(1) / sum_t;
+    ce[h] = row_ce<acc_t>(sum_log(sum_1), m - zy, shifted_sum / static_cast<acc_t>(K), c.smooth);
+    const acc_t log_sum_t = sum_log(sum_t), inv_sum_t = acc_t(1) / sum_t;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
       const acc_t qk = qh[k] * inv_sum_t;
@@ -116,28 +130,70 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
 
   // KL(p~_i || q~_j) = sum_k p~_ik (log q~_ik - log q~_jk), summed directly (no cancellation
   // between two large cross-entropies when the heads agree).
+  // Two students per pass over the teacher's arrays.
   for (int i = 0; i < heads; ++i) {
     const acc_t* pti = pt + i * kpad;
     const acc_t* lqi = lq + i * kpad;
-    for (int j = 0; j < heads; ++j) {
-      if (j == i) {
-        kl[i * heads + j] = 0;
-        continue;
+    kl[i * heads + i] = 0;
+    int students[kMaxHeads];
+    int n_students = 0;
+    for (int j = 0; j < heads; ++j)
+      if (j != i) students[n_students++] = j;
+    int t = 0;
+    for (; t + 1 < n_students; t += 2) {
+      const acc_t* lqa = lq + students[t] * kpad;
+      const acc_t* lqb = lq + students[t + 1] * kpad;
+      acc_t acc_a = 0, acc_b = 0;
+#pragma omp simd reduction(+ : acc_a, acc_b)
+      for (int64_t k = 0; k < n; ++k) {
+        acc_a += pti[k] * (lqi[k] - lqa[k]);
+        acc_b += pti[k] * (lqi[k] - lqb[k]);
       }
-      const acc_t* lqj = lq + j * kpad;
+      kl[i * heads + students[t]] = acc_a;
+      kl[i * heads + students[t + 1]] = acc_b;
+    }
+    if (t < n_students) {
+      const acc_t* lqj = lq + students[t] * kpad;
       acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t k = 0; k < n; ++k) acc += pti[k] * (lqi[k] - lqj[k]);
-      kl[i * heads + j] = acc;
+      kl[i * heads + students[t]] = acc;
     }
   }
   if (g == nullptr) return;
+
+  if (uniform) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) total[k] = pt[k] + pt[kpad + k];
+    for (int h = 2; h < heads; ++h) {
+      const acc_t* pth = pt + h * kpad;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) total[k] += pth[k];
+    }
+  }
 
   for (int j = 0; j < heads; ++j) {
     acc_t* gj = g[j];
     const acc_t* qj = q + j * kpad;
     const acc_t* sj = s + j * kpad;
     const acc_t ce_scale = static_cast<acc_t>(job.ce_w[j]) * c.inv_batch;
+    if (uniform) {
+      // P_j = w (S - p~_j): one pass instead of one per teacher.
+      const acc_t w = job.uniform_w;
+      const acc_t* ptj = pt + j * kpad;
+      acc_t w_j = 0;
+#pragma omp simd reduction(+ : w_j)
+      for (int64_t k = 0; k < n; ++k) {
+        const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (w * (total[k] - ptj[k]));
+        mix[k] = rp;
+        w_j += rp;
+      }
+      if (!kSmooth) w_j = w * static_cast<acc_t>(heads - 1);
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
+      gj[y] += target_grad_fix<acc_t>(ce_scale, c);
+      continue;
+    }
     // This student's teachers (non-zero weights); mix = P_j = sum_i w_ij p~_i over all but the
     // last, which the next loop adds.
     int teachers[kMaxHeads];
@@ -196,7 +252,17 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
 
 // Scratch values compute_row needs per row.
 inline int64_t row_work_size(int heads, int64_t kpad, bool smooth, bool two_temps) {
-  return (2 + (smooth ? 1 : 0) + (two_temps ? 1 : 0)) * heads * kpad + kpad;
+  return (2 + (smooth ? 1 : 0) + (two_temps ? 1 : 0)) * heads * kpad + 2 * kpad;
+}
+
+// w when every off-diagonal KL weight is the same non-zero w (all heads teach all others), else 0.
+template <typename acc_t>
+acc_t uniform_teacher_weight(const float* kl_w, int heads) {
+  const float w = heads > 1 ? kl_w[1] : 0.0f;
+  for (int i = 0; i < heads; ++i)
+    for (int j = 0; j < heads; ++j)
+      if (i != j && kl_w[i * heads + j] != w) return acc_t(0);
+  return static_cast<acc_t>(w);
 }
 
 // float32 math: one non-template entry per ISA clone, the variants inlined into each.
@@ -272,7 +338,7 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
   bool direct = std::is_same_v<scalar_t, acc_t> && (K >= 512 || K % 16 == 0);
   for (int h = 0; h < heads; ++h) direct = direct && stride_col[h] == 1;
   const RowJob<acc_t> job{&consts, ce_w.data_ptr<float>(), kl_w.data_ptr<float>(), kpad,
-                          direct ? K : kpad};
+                          direct ? K : kpad, uniform_teacher_weight<acc_t>(kl_w.data_ptr<float>(), heads)};
   const int64_t row_work = row_work_size(heads, kpad, smooth, two_temps);
   const int64_t work_size = row_work + (direct ? 0 : heads * kpad * (compute_grad ? 2 : 1));
   std::vector<acc_t> partial(static_cast<size_t>(B) * P);

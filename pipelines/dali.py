@@ -96,6 +96,13 @@ def build_pipeline(files: list[str], labels: list[int], config: LoaderConfig, *,
     return pipe
 
 
+def _decode_error_summary(err: RuntimeError, root: str) -> str:
+    """The line of DALI's multi-line error that names the dataset's file, else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if root in line and not line.startswith("File ")]
+    return (named or lines or [type(err).__name__])[0][:300]
+
+
 class DaliLoader:
     """DALI loader honouring the `pipelines.base.Loader` contract."""
 
@@ -155,11 +162,13 @@ class DaliLoader:
                 except StopIteration:
                     return
                 except RuntimeError as e:
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise RuntimeError(
-                        f"DALI failed on a batch of {self.images.root} ({first}); a file that passed the "
-                        "header check does not decode: run with --data-validation full to find and skip it"
-                    ) from e
+                    # A data problem, not a bug: a ValueError is what the command line prints as one line.
+                    root = str(self.images.root)
+                    raise ValueError(
+                        f"DALI could not decode a batch of {root} ({_decode_error_summary(e, root)}): "
+                        "a file passed the header check but does not decode; re-run with --data-validation "
+                        "full to find and skip it (training resumes from the last checkpoint)"
+                    ) from None
                 images, labels = batch["images"], batch["labels"].view(-1).long()
                 if self.config.channels_last:
                     images = images.permute(0, 3, 1, 2)  # NHWC memory viewed as channels-last NCHW

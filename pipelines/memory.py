@@ -48,10 +48,15 @@ class MemoryLoader:
         self.drop_last = drop_last and train
         self.channels_last = channels_last
         images = split.images.to(self.device)
+        self.num_stored = len(images)
         if self.padding:
             # Pad once with zeros (as torchvision's RandomCrop(padding) does to the raw image).
             p = self.padding
             images = torch.nn.functional.pad(images, (p, p, p, p))
+        if train:
+            # Mirrored copies after the originals: a flipped crop is then a plain crop of sample
+            # i + N, so a batch is one gather (twice the memory, ~2x the speed of flipping crops).
+            images = torch.cat([images, images.flip(3)])
         self.images = images
         self.labels = split.labels.to(self.device)
         self.height = split.images.shape[2]
@@ -116,14 +121,19 @@ class MemoryLoader:
 
     def _crop_flip(self, idx: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
         # A view of every crop position, indexed once: ~3x faster than a 4-index gather (measured).
-        windows = self.images.unfold(2, self.height, 1).unfold(3, self.width, 1)  # [N, C, oy, ox, H, W]
-        crops = windows[idx, :, offsets[:, 0], offsets[:, 1]]  # [B, C, H, W]
-        return torch.where(flips[:, None, None, None], crops.flip(3), crops)
+        windows = self.images.unfold(2, self.height, 1).unfold(3, self.width, 1)  # [2N, C, oy, ox, H, W]
+        # Crop x of a mirrored image = mirror of the crop at 2p - x of the original.
+        ox = torch.where(flips, 2 * self.padding - offsets[:, 1], offsets[:, 1])
+        source = idx + self.num_stored * flips.long()
+        if self.channels_last:
+            # Gathered as [B, H, W, C]: already the channels-last layout, no copy afterwards.
+            return windows.permute(0, 2, 3, 4, 5, 1)[source, offsets[:, 0], ox].permute(0, 3, 1, 2)
+        return windows[source, :, offsets[:, 0], ox]  # [B, C, H, W]
 
     def _normalise(self, images: Tensor) -> Tensor:
-        x = images.float().mul_(self.scale).add_(self.shift)
+        x = torch.mul(images, self.scale).add_(self.shift)  # uint8 * float: one pass to float
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)  # a no-op for channels-last crops
         return x
 
     def close(self) -> None:

@@ -295,6 +295,26 @@ def test_in_place_and_padded_row_paths(k, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("h", [3, 4, 8])
+@pytest.mark.parametrize("k", [100, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_pair_weights_path(h, k, dtype):
+    # When every head teaches every other with one weight (DHM's default), the CPU kernel builds each
+    # student's teacher mixture as (sum over all heads) - (its own term); it must match the reference,
+    # also when a head is near one-hot (the subtraction then cancels most of the sum).
+    gen = torch.Generator().manual_seed(h * k)
+    logits = make_logits(gen, h, 6, k, dtype, 3.0)
+    logits[1][0, 3] = 40.0
+    target = torch.randint(0, k, (6,), generator=gen)
+    ce_w = torch.rand(h, generator=gen) + 0.1
+    for w in (0.25, 1.0):
+        kl_w = torch.full((h, h), w).fill_diagonal_(0)
+        for temperature, eps in [(1.0, 1e-8), (2.0, 0.0), (0.5, 1e-8)]:
+            args = (ce_w, kl_w, temperature, 0.9, eps, 0.1)
+            assert_matches(*call_fused(logits, target, *args), reference64(logits, target, *args), dtype)
+
+
+@needs_ext
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_inputs_match_contiguous(layout, dtype):

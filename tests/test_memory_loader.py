@@ -47,11 +47,14 @@ def test_train_shards_are_disjoint_and_reshuffled_each_epoch():
     assert torch.equal(e0[0], labels_seen(shards[0], 0))  # reproducible from (seed, epoch)
 
 
-def test_crop_flip_normalise_match_a_per_sample_reference():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crop_flip_normalise_match_a_per_sample_reference(channels_last):
     split = random_split(n=12)
-    loader = MemoryLoader(split, MEAN, STD, batch_size=12, train=True, padding=3, seed=5)
+    loader = MemoryLoader(split, MEAN, STD, batch_size=12, train=True, padding=3, seed=5,
+                          channels_last=channels_last)
     loader.set_epoch(2)
     images, labels = next(iter(loader))
+    assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     order, offsets, flips = loader._plan
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     for b in range(12):

@@ -216,8 +216,9 @@ def test_dali_reports_a_file_that_fails_only_at_decode_time(tmp_path, cache_dir)
     ds = write_imagefolder(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=3, odd_files=False)
     write_undecodable_png(ds.root / "val" / ds.classes[1] / "zz_broken.JPEG")
     _, val = make_loaders("dali", ds.root, cache_dir)
-    with pytest.raises(RuntimeError, match="--data-validation full"):
+    with pytest.raises(ValueError, match="--data-validation full") as err:
         collect(val)
+    assert "zz_broken.JPEG" in str(err.value) and "\n" not in str(err.value)  # one line naming the file
     _, full = make_loaders("dali", ds.root, cache_dir, validation="full")
     assert collect(full)[1].tolist() == [0, 0, 0, 1, 1, 1]
 

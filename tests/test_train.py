@@ -105,6 +105,7 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, capsys):
         (["--amp", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
         (["--eval-only"], "--eval-only needs --weights"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--aux-weight", "-0.5"], "--aux-weight must be a finite number >= 0, got -0.5"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_code_2(args, message):
@@ -116,6 +117,23 @@ def test_bad_input_gets_one_line_and_exit_code_2(args, message):
     import re
 
     assert re.search(message, lines[0]), lines[0]
+
+
+@needs_fashion
+def test_aux_weight_scales_every_auxiliary_cross_entropy(tmp_path, capsys, monkeypatch):
+    import dhm_fast.engine
+
+    seen = []
+    real_loss = dhm_fast.engine.dhm_loss
+
+    def recording_loss(*args, **kwargs):
+        seen.append(kwargs["ce_weights"])
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(dhm_fast.engine, "dhm_loss", recording_loss)
+    code, _, err = run_cli(QUICK + ["--aux-weight", "0.25", "--max-steps", "2", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    assert seen == [(1.0, 0.25, 0.25)] * 2  # main head, then aux1 and aux2
 
 
 def test_help_and_recipe_list(capsys):
