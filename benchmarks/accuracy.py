@@ -73,6 +73,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                       _DHM + _WARM + ["--temperature", "4"]),
     "dhm-warmup-top-down": ("DHM, alpha warm-up over the first half, top-down only",
                             _DHM + _WARM + ["--direction", "top-down"]),
+    "dhm-warmup-bottom-up": ("DHM, alpha warm-up over the first half, bottom-up only (deeper heads learn "
+                             "from shallower ones)", _DHM + _WARM + ["--direction", "bottom-up"]),
     "dsl-aux0": ("deep supervision with the auxiliary heads' CE weighted 0: the baseline's gradients, "
                  "branches built", ["--method", "dsl", "--aux-weight", "0"]),
     "dsl-aux0.5": ("deep supervision, auxiliary heads' CE weighted 0.5", ["--method", "dsl", "--aux-weight", "0.5"]),
@@ -85,7 +87,7 @@ GROUPS = {
     "main": ["baseline", "dsl", "dhm", "dhm-warmup"],
     "investigate": ["dhm-T4", "dhm-top-down", "dhm-bottom-up", "dhm-p0.5", "dhm-alpha0.1", "dhm-alpha0.3",
                     "dhm-cosine", "dhm-warmup-quarter", "dhm-warmup-T4", "dhm-warmup-top-down",
-                    "dsl-aux0", "dsl-aux0.5", "dhm-warmup-aux0.5", "dhm-warmup-aux0.2"],
+                    "dhm-warmup-bottom-up", "dsl-aux0", "dsl-aux0.5", "dhm-warmup-aux0.5", "dhm-warmup-aux0.2"],
 }
 
 

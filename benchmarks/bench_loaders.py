@@ -3,9 +3,11 @@
 1. ImageNet-like JPEG folder (generated: ~500x375 JPEGs of natural-looking texture, quality 90): the
    training pipeline (random-resized-crop 224 + flip + normalise, batches of 64) of torchvision
    (ImageFolder-style dataset + DataLoader workers), DALI in CPU mode and FFCV, all with the same
-   number of workers/threads. FFCV twice: "ffcv-jpg" stores every image as a quality-90 JPEG at full
-   resolution (like for like: every backend decodes a JPEG per image), "ffcv-proportion" stores half
-   of them as raw pixels (FFCV's ImageNet recipe; a bigger file, less decoding).
+   number of workers/threads. FFCV three times: "ffcv-jpg" stores every image as a quality-90 JPEG at
+   full resolution (like for like: every backend decodes a JPEG per image), "ffcv-proportion" stores
+   half of them as raw pixels (FFCV's ImageNet recipe; a bigger file, less decoding), "ffcv-raw-256"
+   stores raw pixels with the longer side at most 256 (no decoding at all; FFCV's low-resolution
+   training setup, where the crop is taken from a smaller image).
 2. 32x32 data (CIFAR-sized, random uint8): the in-memory loader (pipelines.memory: the whole set is
    one tensor, pad-crop + flip + normalise on whole batches; NCHW and channels-last batches, the
    trainer's default) against torchvision's per-sample
@@ -121,19 +123,22 @@ def bench_jpeg(root: Path, workers: int, seconds: float, batch_size: int, out_di
     except ImportError as e:
         print(f"dali-cpu: skipped ({e})")
 
-    for mode in ("jpg", "proportion"):
-        name = f"ffcv-{mode}"
+    # (name, write mode, longest side stored): like for like (JPEGs at full size), FFCV's ImageNet
+    # storage recipe (half raw), and raw pixels at 256 px (no decoding; FFCV's low-res training setup).
+    for name, mode, max_res in (("ffcv-jpg", "jpg", None), ("ffcv-proportion", "proportion", None),
+                                ("ffcv-raw-256", "raw", 256)):
         try:
             from pipelines.ffcv import create_ffcv_loaders
             from pipelines.ffcv_convert import convert
         except ImportError as e:
             print(f"{name}: skipped ({e})")
             continue
-        beton_dir = root.parent / f"{root.name}-ffcv-{mode}"
+        beton_dir = root.parent / f"{root.name}-{name}"
         if not (beton_dir / "train.beton").is_file():
             t0 = time.perf_counter()
-            convert(str(root), str(beton_dir), write_mode=mode, jpeg_quality=90, compress_probability=0.5,
-                    num_workers=workers, splits=("train",), cache_dir=str(out_dir / "cache"))
+            convert(str(root), str(beton_dir), write_mode=mode, max_resolution=max_res, jpeg_quality=90,
+                    compress_probability=0.5, num_workers=workers, splits=("train",),
+                    cache_dir=str(out_dir / "cache"))
             print(f"{name} conversion: {time.perf_counter() - t0:.1f} s")
         cfg.train_beton = cfg.val_beton = str(beton_dir / "train.beton")
         train, _ = create_ffcv_loaders(cfg)

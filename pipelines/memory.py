@@ -125,15 +125,14 @@ class MemoryLoader:
         # Crop x of a mirrored image = mirror of the crop at 2p - x of the original.
         ox = torch.where(flips, 2 * self.padding - offsets[:, 1], offsets[:, 1])
         source = idx + self.num_stored * flips.long()
-        if self.channels_last:
-            # Gathered as [B, H, W, C]: already the channels-last layout, no copy afterwards.
-            return windows.permute(0, 2, 3, 4, 5, 1)[source, offsets[:, 0], ox].permute(0, 3, 1, 2)
+        # Gathering straight into channels-last (from channels-last storage) measured slower than this
+        # NCHW gather followed by one layout copy of the normalised batch.
         return windows[source, :, offsets[:, 0], ox]  # [B, C, H, W]
 
     def _normalise(self, images: Tensor) -> Tensor:
         x = torch.mul(images, self.scale).add_(self.shift)  # uint8 * float: one pass to float
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)  # a no-op for channels-last crops
+            x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def close(self) -> None:

@@ -1,0 +1,37 @@
+"""benchmarks/accuracy.py's bookkeeping (the training runs themselves are what the benchmark measures)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import accuracy
+
+
+def fake_run(folder, top1: float) -> None:
+    """A finished run folder as train.py and the benchmark leave it (two epochs)."""
+    folder.mkdir(parents=True)
+    (folder / "bench_command.json").write_text(json.dumps({"command": ["train.py"], "benchmark": "bench"}))
+    (folder / "summary.json").write_text(json.dumps({"stopped_early": False}))
+    epoch = {"val": {"heads": {"main": {"top1": top1}}}, "alpha": 1.0, "train": {"kl": {}}, "train_seconds": 1.0}
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(epoch) for _ in range(2)))
+
+
+def test_results_keep_runs_whose_folders_are_gone_and_prefer_the_folders(tmp_path):
+    args = accuracy.parse_args(["--variants", "baseline", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
+                                "--results", str(tmp_path / "results")])
+    fake_run(tmp_path / "runs" / args.name / "baseline" / "seed0", 80.0)
+    fake_run(tmp_path / "runs" / args.name / "dsl" / "seed0", 70.0)
+    accuracy.write_results(args, [], "cmd")
+    # The run folders are lost (another machine); one run is retrained with another result.
+    for variant in ("baseline", "dsl"):
+        for f in (tmp_path / "runs" / args.name / variant / "seed0").iterdir():
+            f.unlink()
+        (tmp_path / "runs" / args.name / variant / "seed0").rmdir()
+    fake_run(tmp_path / "runs" / args.name / "baseline" / "seed1", 90.0)
+    fake_run(tmp_path / "runs" / args.name / "dsl" / "seed0", 75.0)
+    accuracy.write_results(args, [], "cmd")
+
+    table = json.loads((tmp_path / "results" / f"accuracy-{args.name}.json").read_text())["variants"]
+    assert table["baseline"]["seeds"] == [0, 1] and table["baseline"]["main_top1"] == [80.0, 90.0]
+    assert table["dsl"]["main_top1"] == [75.0]  # the folder's result replaces the recorded one
+    assert table["baseline"]["mean"] == 85.0
