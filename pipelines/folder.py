@@ -13,6 +13,7 @@ headers by default) is dropped from its batch and reported, never replaced by an
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -139,6 +140,11 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         non_blocking = self.device.type == "cuda"
+        if self._loader.num_workers > 0:
+            # Workers are forked now. Unreachable objects still awaiting the cycle collector would be
+            # collected in a worker too, and some cannot be: a DALI pipeline's finaliser waits for its
+            # threads, which a forked child does not have, and hangs the worker. Collect them here.
+            gc.collect()
         try:
             for images, labels, bad in self._loader:
                 if bad:
