@@ -305,6 +305,21 @@ def _shell(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
+def _portable(argv: list[str]) -> list[str]:
+    """The command line as recorded in results: paths inside the repository made relative to it, and
+    `--results` left out when it names the default folder (no machine's paths in tracked files)."""
+    out: list[str] = []
+    for arg in argv:
+        path = Path(arg)
+        if path.is_absolute() and path.resolve().is_relative_to(ROOT):
+            arg = str(path.resolve().relative_to(ROOT))
+        if out and out[-1] == "--results" and (ROOT / arg).resolve() == (ROOT / "benchmarks" / "results"):
+            out.pop()
+            continue
+        out.append(arg)
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -359,7 +374,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m benchmarks.accuracy " + _shell(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.accuracy " + _shell(_portable(sys.argv[1:] if argv is None else argv))
     print(f"command: {command}", flush=True)
     # seed-major order: partial results cover every variant early
     jobs = [(v, s) for s in args.seed_list for v in args.variant_list]

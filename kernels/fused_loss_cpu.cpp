@@ -177,75 +177,74 @@ inline __attribute__((always_inline)) void compute_row(const RowJob<acc_t>& job,
     const acc_t* qj = q + j * kpad;
     const acc_t* sj = s + j * kpad;
     const acc_t ce_scale = static_cast<acc_t>(job.ce_w[j]) * c.inv_batch;
+    // mix becomes rho_j * P_j, P_j = sum_i w_ij p~_i (this student's teacher mixture), and w_j its
+    // class sum W_j; with eps = 0, rho = 1 and W_j = sum_i w_ij.
+    acc_t w_j = 0;
+    int n_teachers = 0;
     if (uniform) {
       // P_j = w (S - p~_j): one pass instead of one per teacher.
       const acc_t w = job.uniform_w;
       const acc_t* ptj = pt + j * kpad;
-      acc_t w_j = 0;
+      n_teachers = heads - 1;
 #pragma omp simd reduction(+ : w_j)
       for (int64_t k = 0; k < n; ++k) {
         const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (w * (total[k] - ptj[k]));
         mix[k] = rp;
         w_j += rp;
       }
-      if (!kSmooth) w_j = w * static_cast<acc_t>(heads - 1);
+      if (!kSmooth) w_j = w * static_cast<acc_t>(n_teachers);
+    } else {
+      // The teachers with non-zero weights: all but the last summed into mix, the last added in the
+      // pass that applies rho.
+      int teachers[kMaxHeads];
+      acc_t w_sum = 0;
+      for (int i = 0; i < heads; ++i) {
+        const acc_t w = static_cast<acc_t>(job.kl_w[i * heads + j]);
+        if (i == j || w == acc_t(0)) continue;
+        teachers[n_teachers++] = i;
+        w_sum += w;
+      }
+      for (int t = 0; t + 1 < n_teachers; ++t) {
+        const int i = teachers[t];
+        const acc_t w = static_cast<acc_t>(job.kl_w[i * heads + j]);
+        const acc_t* pti = pt + i * kpad;
+        if (t == 0) {
 #pragma omp simd
-      for (int64_t k = 0; k < n; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
-      gj[y] += target_grad_fix<acc_t>(ce_scale, c);
-      continue;
-    }
-    // This student's teachers (non-zero weights); mix = P_j = sum_i w_ij p~_i over all but the
-    // last, which the next loop adds.
-    int teachers[kMaxHeads];
-    int n_teachers = 0;
-    acc_t w_sum = 0;
-    for (int i = 0; i < heads; ++i) {
-      const acc_t w = static_cast<acc_t>(job.kl_w[i * heads + j]);
-      if (i == j || w == acc_t(0)) continue;
-      teachers[n_teachers++] = i;
-      w_sum += w;
+          for (int64_t k = 0; k < n; ++k) mix[k] = w * pti[k];
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) mix[k] += w * pti[k];
+        }
+      }
+      if (n_teachers > 0) {
+        const int last = teachers[n_teachers - 1];
+        const acc_t w_last = static_cast<acc_t>(job.kl_w[last * heads + j]);
+        const acc_t* pt_last = pt + last * kpad;
+        if (n_teachers > 1) {
+#pragma omp simd reduction(+ : w_j)
+          for (int64_t k = 0; k < n; ++k) {
+            const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (mix[k] + w_last * pt_last[k]);
+            mix[k] = rp;
+            w_j += rp;
+          }
+        } else {
+#pragma omp simd reduction(+ : w_j)
+          for (int64_t k = 0; k < n; ++k) {
+            const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (w_last * pt_last[k]);
+            mix[k] = rp;
+            w_j += rp;
+          }
+        }
+        if (!kSmooth) w_j = w_sum;
+      }
     }
     if (n_teachers == 0) {
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], 0, 0, 0, c);
-      gj[y] += target_grad_fix<acc_t>(ce_scale, c);
-      continue;
-    }
-    for (int t = 0; t + 1 < n_teachers; ++t) {
-      const int i = teachers[t];
-      const acc_t w = static_cast<acc_t>(job.kl_w[i * heads + j]);
-      const acc_t* pti = pt + i * kpad;
-      if (t == 0) {
-#pragma omp simd
-        for (int64_t k = 0; k < n; ++k) mix[k] = w * pti[k];
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < n; ++k) mix[k] += w * pti[k];
-      }
-    }
-    const int last = teachers[n_teachers - 1];
-    const acc_t w_last = static_cast<acc_t>(job.kl_w[last * heads + j]);
-    const acc_t* pt_last = pt + last * kpad;
-    // mix becomes rho_j * P_j (eps > 0) and W_j its class sum; with eps = 0, W_j = sum_i w_ij.
-    acc_t w_j = 0;
-    if (n_teachers > 1) {
-#pragma omp simd reduction(+ : w_j)
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (mix[k] + w_last * pt_last[k]);
-        mix[k] = rp;
-        w_j += rp;
-      }
     } else {
-#pragma omp simd reduction(+ : w_j)
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t rp = student_ratio<kSmooth>(qj[k], c) * (w_last * pt_last[k]);
-        mix[k] = rp;
-        w_j += rp;
-      }
-    }
-    if (!kSmooth) w_j = w_sum;
 #pragma omp simd
-    for (int64_t k = 0; k < n; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
+      for (int64_t k = 0; k < n; ++k) gj[k] = grad_elem<acc_t>(ce_scale, sj[k], qj[k], w_j, mix[k], c);
+    }
     gj[y] += target_grad_fix<acc_t>(ce_scale, c);
   }
 }

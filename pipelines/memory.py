@@ -48,7 +48,6 @@ class MemoryLoader:
         self.drop_last = drop_last and train
         self.channels_last = channels_last
         images = split.images.to(self.device)
-        self.num_stored = len(images)
         if self.padding:
             # Pad once with zeros (as torchvision's RandomCrop(padding) does to the raw image).
             p = self.padding
@@ -124,7 +123,7 @@ class MemoryLoader:
         windows = self.images.unfold(2, self.height, 1).unfold(3, self.width, 1)  # [2N, C, oy, ox, H, W]
         # Crop x of a mirrored image = mirror of the crop at 2p - x of the original.
         ox = torch.where(flips, 2 * self.padding - offsets[:, 1], offsets[:, 1])
-        source = idx + self.num_stored * flips.long()
+        source = idx + len(self.labels) * flips.long()  # mirrored copies follow the originals
         # Gathering straight into channels-last (from channels-last storage) measured slower than this
         # NCHW gather followed by one layout copy of the normalised batch.
         return windows[source, :, offsets[:, 0], ox]  # [B, C, H, W]

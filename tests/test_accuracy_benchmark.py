@@ -35,3 +35,10 @@ def test_results_keep_runs_whose_folders_are_gone_and_prefer_the_folders(tmp_pat
     assert table["baseline"]["seeds"] == [0, 1] and table["baseline"]["main_top1"] == [80.0, 90.0]
     assert table["dsl"]["main_top1"] == [75.0]  # the folder's result replaces the recorded one
     assert table["baseline"]["mean"] == 85.0
+
+
+def test_recorded_command_has_no_machine_paths():
+    root = accuracy.ROOT
+    argv = ["--results", str(root / "benchmarks" / "results"), "--runs", str(root / "runs" / "x"), "--seeds", "0,"]
+    assert accuracy._portable(argv) == ["--runs", "runs/x", "--seeds", "0,"]
+    assert accuracy._portable(["--results", "/elsewhere"]) == ["--results", "/elsewhere"]
