@@ -1,4 +1,5 @@
-"""Builds the optional native extension `dhm_fast._C` (the fused mimicking loss, kernels/).
+"""Builds the optional native extension `dhm_fast._C` (kernels/: the fused mimicking loss, and the
+in-memory loader's crop + normalise).
 
 Metadata lives in pyproject.toml; this file only adds the extension. It builds three ways:
 - with nvcc: CPU and CUDA kernels (CUDA_HOME defaults to /usr/local/cuda, TORCH_CUDA_ARCH_LIST to
@@ -22,7 +23,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-CPU_SOURCES = ["kernels/fused_loss.cpp", "kernels/fused_loss_cpu.cpp"]
+CPU_SOURCES = ["kernels/fused_loss.cpp", "kernels/fused_loss_cpu.cpp", "kernels/crop_normalize_cpu.cpp"]
 # One file per logits dtype group: ninja compiles them in parallel.
 CUDA_SOURCES = [
     "kernels/fused_loss_cuda.cu",

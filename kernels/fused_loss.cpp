@@ -151,6 +151,11 @@ TORCH_LIBRARY(dhm_fast, m) {
       "fused_loss(Tensor[] logits, Tensor target, Tensor ce_weights, Tensor kl_weights, "
       "float temperature, float alpha, float eps, float label_smoothing, bool compute_grad) "
       "-> (Tensor loss, Tensor stats, Tensor[] grads)");
+  // The in-memory loader's crop + normalise (kernels/crop_normalize_cpu.cpp). CPU only, and eager
+  // only (no fake kernel): on a GPU the loader's torch formulation is fast already.
+  m.def(
+      "crop_normalize(Tensor images, Tensor source, Tensor offsets, int height, int width, Tensor table, "
+      "bool channels_last) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dhm_fast, Autograd, m) { m.impl("fused_loss", &dhm::fused_loss_autograd); }

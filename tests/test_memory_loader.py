@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.base import Loader, LoaderConfig
-from pipelines.memory import MemoryLoader, create_memory_loaders
+from pipelines.memory import MemoryLoader, create_memory_loaders, native_crop_normalize
 from pipelines.small_datasets import ArraySplit, load_small_dataset
 
 MEAN, STD = (0.3, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -47,27 +47,75 @@ def test_train_shards_are_disjoint_and_reshuffled_each_epoch():
     assert torch.equal(e0[0], labels_seen(shards[0], 0))  # reproducible from (seed, epoch)
 
 
+NATIVE = native_crop_normalize()
+needs_native = pytest.mark.skipif(NATIVE is None, reason="dhm_fast._C was built without crop_normalize")
+paths = pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "torch"])
+
+
+def loader_with(split, native, **kwargs):
+    loader = MemoryLoader(split, MEAN[: split.images.shape[1]], STD[: split.images.shape[1]], **kwargs)
+    assert (loader.native is not None) == (NATIVE is not None)  # the CPU uses the native op when built
+    if not native:
+        loader.native = None
+    return loader
+
+
+@paths
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_crop_flip_normalise_match_a_per_sample_reference(channels_last):
+def test_crop_flip_normalise_match_a_per_sample_reference(channels_last, native):
     split = random_split(n=12)
-    loader = MemoryLoader(split, MEAN, STD, batch_size=12, train=True, padding=3, seed=5,
-                          channels_last=channels_last)
+    loader = loader_with(split, native, batch_size=12, train=True, padding=3, seed=5, channels_last=channels_last)
     loader.set_epoch(2)
     images, labels = next(iter(loader))
     assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    order, offsets, flips = loader._plan
+    order, source, origin = loader._plan
+    flips = source >= 12  # mirrored copies follow the 12 originals
+    assert torch.equal(source % 12, order)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     for b in range(12):
         i = order[b].item()
         padded = torch.nn.functional.pad(split.images[i].double(), (3, 3, 3, 3))
-        y0, x0 = offsets[b].tolist()
-        crop = padded[:, y0:y0 + 8, x0:x0 + 6]
         if flips[b]:
-            crop = crop.flip(2)
-        want = (crop / 255 - mean) / std
-        torch.testing.assert_close(images[b].double(), want, rtol=1e-5, atol=1e-5)
+            padded = padded.flip(2)  # the origin of a flipped crop is in mirrored coordinates
+        y0, x0 = origin[b].tolist()
+        want = (padded[:, y0:y0 + 8, x0:x0 + 6] / 255 - mean) / std
+        torch.testing.assert_close(images[b].double(), want, rtol=1e-6, atol=1e-6)
         assert labels[b] == split.labels[i]
-    assert 0 < flips.sum() < 12 and offsets.min() >= 0 and offsets.max() <= 6
+    assert 0 < flips.sum() < 12 and origin.min() >= 0 and origin.max() <= 6
+
+
+@needs_native
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_native_and_torch_batches_are_bitwise_equal(train, channels_last, channels):
+    split = random_split(n=70, c=channels, h=9, w=7)
+    kwargs = dict(batch_size=16, train=train, seed=3, channels_last=channels_last, padding=2)
+    native, plain = loader_with(split, True, **kwargs), loader_with(split, False, **kwargs)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for epoch in (0, 1):
+        native.set_epoch(epoch), plain.set_epoch(epoch)
+        pairs = list(zip(native, plain, strict=True))
+        assert len(pairs) == len(native) > 0
+        for (x, y), (x_ref, y_ref) in pairs:
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+            assert x.is_contiguous(memory_format=layout) and x_ref.is_contiguous(memory_format=layout)
+
+
+@needs_native
+def test_native_op_rejects_bad_arguments_with_a_message():
+    images = torch.zeros(4, 3, 10, 10, dtype=torch.uint8)
+    table = torch.zeros(3, 256)
+    ok = dict(source=torch.tensor([0, 3]), offsets=torch.tensor([[0, 0], [2, 2]]))
+    assert NATIVE(images, ok["source"], ok["offsets"], 8, 8, table, False).shape == (2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="source index 4 is out of range"):
+        NATIVE(images, torch.tensor([0, 4]), ok["offsets"], 8, 8, table, False)
+    with pytest.raises(RuntimeError, match=r"crop at \(3, 0\) leaves"):
+        NATIVE(images, ok["source"], torch.tensor([[0, 0], [3, 0]]), 8, 8, table, True)
+    with pytest.raises(RuntimeError, match="images must be a contiguous uint8"):
+        NATIVE(images.float(), ok["source"], ok["offsets"], 8, 8, table, False)
+    with pytest.raises(RuntimeError, match="table must be float32"):
+        NATIVE(images, ok["source"], ok["offsets"], 8, 8, table[:1], False)
 
 
 def test_resuming_mid_epoch_yields_the_remaining_batches():
