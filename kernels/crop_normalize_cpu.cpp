@@ -1,7 +1,9 @@
-// CPU kernel of the in-memory loader's batch step (pipelines/memory.py): gather a crop of each
-// requested image and map its uint8 pixels to normalised floats, in one pass, straight into the
-// requested memory layout. The torch formulation (gather, then multiply-add, then a layout copy
-// for channels-last) makes three passes over the batch.
+// CPU kernel that turns uint8 images into the model's input: gather a crop of each requested image
+// (any input layout) and map its pixels to normalised floats, in one pass, straight into the
+// requested memory layout. Used by the in-memory loader's batch step (pipelines/memory.py) and by
+// pipelines.normalize for the JPEG loaders' batches. The torch formulation (gather, then
+// multiply-add, then a layout copy) makes up to three passes; on FFCV's NHWC batches its
+// mixed-layout multiply-add alone took 3-4x as long as FFCV's whole read-crop-resize (measured).
 //
 // The pixel map is a [C, 256] float table built by the caller with the same torch ops as its own
 // path, so both paths give bitwise-equal batches.
@@ -12,30 +14,36 @@
 namespace dhm {
 namespace {
 
-// One sample into [C, H, W].
-void copy_planes(const uint8_t* sample, float* dst, const float* lut, int64_t c, int64_t height, int64_t width,
-                 int64_t plane, int64_t wp) {
+// Where one sample's crop starts, and the input's strides in elements (any layout: the memory
+// loader stores NCHW, FFCV and DALI hand over NHWC).
+struct Source {
+  const uint8_t* origin;
+  int64_t sc, sy, sx;
+};
+
+// One crop into [C, H, W].
+void copy_planes(const Source& in, float* dst, const float* lut, int64_t c, int64_t height, int64_t width) {
   for (int64_t ch = 0; ch < c; ++ch) {
     const float* map = lut + ch * 256;
     for (int64_t y = 0; y < height; ++y) {
-      const uint8_t* row = sample + ch * plane + y * wp;
+      const uint8_t* row = in.origin + ch * in.sc + y * in.sy;
       for (int64_t x = 0; x < width; ++x) {
-        *dst++ = map[row[x]];
+        *dst++ = map[row[x * in.sx]];
       }
     }
   }
 }
 
-// One sample into [H, W, C], written in order; kChannels > 0 fixes C at compile time.
+// One crop into [H, W, C], written in order; kChannels > 0 fixes C at compile time.
 template <int kChannels>
-void copy_interleaved(const uint8_t* sample, float* dst, const float* lut, int64_t c, int64_t height,
-                      int64_t width, int64_t plane, int64_t wp) {
+void copy_interleaved(const Source& in, float* dst, const float* lut, int64_t c, int64_t height, int64_t width) {
   const int64_t channels = kChannels > 0 ? kChannels : c;
   for (int64_t y = 0; y < height; ++y) {
-    const uint8_t* row = sample + y * wp;
+    const uint8_t* row = in.origin + y * in.sy;
     for (int64_t x = 0; x < width; ++x) {
+      const uint8_t* pixel = row + x * in.sx;
       for (int64_t ch = 0; ch < channels; ++ch) {
-        *dst++ = lut[ch * 256 + row[ch * plane + x]];
+        *dst++ = lut[ch * 256 + pixel[ch * in.sc]];
       }
     }
   }
@@ -43,8 +51,8 @@ void copy_interleaved(const uint8_t* sample, float* dst, const float* lut, int64
 
 at::Tensor crop_normalize_cpu(const at::Tensor& images, const at::Tensor& source, const at::Tensor& offsets,
                               int64_t height, int64_t width, const at::Tensor& table, bool channels_last) {
-  TORCH_CHECK(images.dim() == 4 && images.scalar_type() == at::kByte && images.is_contiguous(),
-              "crop_normalize: images must be a contiguous uint8 [N, C, H, W] tensor, got ",
+  TORCH_CHECK(images.dim() == 4 && images.scalar_type() == at::kByte,
+              "crop_normalize: images must be a uint8 [N, C, H, W] tensor, got ",
               images.scalar_type(), " ", images.sizes());
   const int64_t n = images.size(0), c = images.size(1), hp = images.size(2), wp = images.size(3);
   const int64_t b = source.numel();
@@ -83,19 +91,20 @@ at::Tensor crop_normalize_cpu(const at::Tensor& images, const at::Tensor& source
   const uint8_t* img = images.data_ptr<uint8_t>();
   const float* lut_ptr = lut.data_ptr<float>();
   float* out_ptr = out.data_ptr<float>();
-  const int64_t plane = hp * wp, sample_out = c * height * width;
+  const int64_t sn = images.stride(0), sc = images.stride(1), sy = images.stride(2), sx = images.stride(3);
+  const int64_t sample_out = c * height * width;
   at::parallel_for(0, b, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* sample = img + s_ptr[i] * c * plane + o_ptr[2 * i] * wp + o_ptr[2 * i + 1];
+      const Source in{img + s_ptr[i] * sn + o_ptr[2 * i] * sy + o_ptr[2 * i + 1] * sx, sc, sy, sx};
       float* dst = out_ptr + i * sample_out;
       if (!channels_last) {
-        copy_planes(sample, dst, lut_ptr, c, height, width, plane, wp);
+        copy_planes(in, dst, lut_ptr, c, height, width);
       } else if (c == 3) {  // RGB and grey: a fixed channel count lets the compiler unroll them
-        copy_interleaved<3>(sample, dst, lut_ptr, c, height, width, plane, wp);
+        copy_interleaved<3>(in, dst, lut_ptr, c, height, width);
       } else if (c == 1) {
-        copy_interleaved<1>(sample, dst, lut_ptr, c, height, width, plane, wp);
+        copy_interleaved<1>(in, dst, lut_ptr, c, height, width);
       } else {
-        copy_interleaved<0>(sample, dst, lut_ptr, c, height, width, plane, wp);
+        copy_interleaved<0>(in, dst, lut_ptr, c, height, width);
       }
     }
   });

@@ -4,9 +4,9 @@ tensor, and pad-and-crop + flip + normalise run on whole batches there (no per-s
 Randomness (order, crop offsets, flips) for an epoch is drawn up front from (seed, epoch), so an epoch
 is reproducible and a run resumed mid-epoch sees exactly the batches it would have seen.
 
-On the CPU, the native op `dhm_fast::crop_normalize` (kernels/crop_normalize_cpu.cpp, built with the
-fused loss) does a batch in one pass; elsewhere, or without the extension, torch ops do it in three
-(gather, multiply-add, layout copy). Both give bitwise-equal batches.
+On the CPU the native op `dhm_fast::crop_normalize` (see pipelines.normalize) does a batch in one
+pass; elsewhere, or without the extension, torch ops do it in up to three (gather, multiply-add,
+layout copy). Both give bitwise-equal batches.
 """
 
 from __future__ import annotations
@@ -17,16 +17,8 @@ import torch
 from torch import Tensor
 
 from pipelines.base import LoaderConfig
+from pipelines.normalize import native_crop_normalize, pixel_table
 from pipelines.small_datasets import ArraySplit, load_small_dataset
-
-
-def native_crop_normalize():
-    """`torch.ops.dhm_fast.crop_normalize` when dhm_fast._C was built with it, else None."""
-    try:
-        from dhm_fast import _C  # noqa: F401  (registers the op)
-    except (ImportError, OSError):
-        return None
-    return getattr(torch.ops.dhm_fast, "crop_normalize", None)
 
 
 class MemoryLoader:
@@ -78,9 +70,7 @@ class MemoryLoader:
         std_t = torch.tensor(std, device=self.device).view(1, c, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -torch.tensor(mean, device=self.device).view(1, c, 1, 1) / std_t
-        # The native op's pixel map [C, 256]: the same float ops as _normalise, so the same bits.
-        levels = torch.arange(256, dtype=torch.float32, device=self.device).view(1, 256)
-        self.table = levels.mul(self.scale.view(c, 1)).add_(self.shift.view(c, 1))
+        self.table = pixel_table(self.scale, self.shift)  # the native op's form of scale and shift
         self.native = native_crop_normalize() if self.device.type == "cpu" else None
         n = len(split.labels)
         # Train: equal shards (the last n % world_size samples of each permutation wait for the next

@@ -1,7 +1,10 @@
 """Turn a uint8 image batch into the model's input: float32, normalised, optionally channels-last.
 
 Backends hand over uint8 batches (4x less to copy than float) and this runs on the training device,
-on the whole batch at once.
+on the whole batch at once. On the CPU the native op `dhm_fast::crop_normalize`
+(kernels/crop_normalize_cpu.cpp, built with the fused loss) does it in one pass from any input
+layout, through a [C, 256] table of the 256 possible results per channel; elsewhere, or without the
+extension, torch's multiply-add. Both give bitwise-equal batches.
 """
 
 from __future__ import annotations
@@ -13,6 +16,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def native_crop_normalize():
+    """`torch.ops.dhm_fast.crop_normalize` when dhm_fast._C was built with it, else None."""
+    try:
+        from dhm_fast import _C  # noqa: F401  (registers the op)
+    except (ImportError, OSError):
+        return None
+    return getattr(torch.ops.dhm_fast, "crop_normalize", None)
+
+
+def pixel_table(scale: Tensor, shift: Tensor) -> Tensor:
+    """[C, 256] float32: level v of channel c -> v * scale[c] + shift[c], rounded exactly as
+    torch's uint8 * scale + shift rounds it (the same float32 ops), so the native op's output is
+    bitwise-equal to the torch formulation's."""
+    levels = torch.arange(256, dtype=torch.float32, device=scale.device).view(1, 256)
+    return levels.mul(scale.reshape(-1, 1)).add_(shift.reshape(-1, 1))
+
+
 class Normalizer:
     """x -> (x / 255 - mean) / std as one multiply-add, cached per device."""
 
@@ -21,18 +41,24 @@ class Normalizer:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.channels_last = channels_last
-        self._cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._native = native_crop_normalize()
 
-    def _coeffs(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _coeffs(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         if device not in self._cache:
             std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-            self._cache[device] = (1.0 / (255.0 * std), -mean / std)
+            scale, shift = 1.0 / (255.0 * std), -mean / std
+            self._cache[device] = (scale, shift, pixel_table(scale, shift))
         return self._cache[device]
 
     def __call__(self, images: Tensor) -> Tensor:
         """uint8 [B, C, H, W] (any memory format) -> float32 [B, C, H, W]."""
-        scale, shift = self._coeffs(images.device)
+        scale, shift, table = self._coeffs(images.device)
+        if self._native is not None and images.device.type == "cpu" and images.dtype == torch.uint8:
+            b, _, h, w = images.shape
+            whole = torch.zeros(b, 2, dtype=torch.long)  # every image, uncropped
+            return self._native(images, torch.arange(b), whole, h, w, table, self.channels_last)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         # Written straight into a buffer of the wanted memory format: one pass, no extra copy.
         out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=fmt)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipelines.base import Loader, LoaderConfig
-from pipelines.memory import MemoryLoader, create_memory_loaders, native_crop_normalize
+from pipelines.memory import MemoryLoader, create_memory_loaders
+from pipelines.normalize import native_crop_normalize
 from pipelines.small_datasets import ArraySplit, load_small_dataset
 
 MEAN, STD = (0.3, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -100,22 +101,6 @@ def test_native_and_torch_batches_are_bitwise_equal(train, channels_last, channe
         for (x, y), (x_ref, y_ref) in pairs:
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
             assert x.is_contiguous(memory_format=layout) and x_ref.is_contiguous(memory_format=layout)
-
-
-@needs_native
-def test_native_op_rejects_bad_arguments_with_a_message():
-    images = torch.zeros(4, 3, 10, 10, dtype=torch.uint8)
-    table = torch.zeros(3, 256)
-    ok = dict(source=torch.tensor([0, 3]), offsets=torch.tensor([[0, 0], [2, 2]]))
-    assert NATIVE(images, ok["source"], ok["offsets"], 8, 8, table, False).shape == (2, 3, 8, 8)
-    with pytest.raises(RuntimeError, match="source index 4 is out of range"):
-        NATIVE(images, torch.tensor([0, 4]), ok["offsets"], 8, 8, table, False)
-    with pytest.raises(RuntimeError, match=r"crop at \(3, 0\) leaves"):
-        NATIVE(images, ok["source"], torch.tensor([[0, 0], [3, 0]]), 8, 8, table, True)
-    with pytest.raises(RuntimeError, match="images must be a contiguous uint8"):
-        NATIVE(images.float(), ok["source"], ok["offsets"], 8, 8, table, False)
-    with pytest.raises(RuntimeError, match="table must be float32"):
-        NATIVE(images, ok["source"], ok["offsets"], 8, 8, table[:1], False)
 
 
 def test_resuming_mid_epoch_yields_the_remaining_batches():
