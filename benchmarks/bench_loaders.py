@@ -226,6 +226,7 @@ def plot(report: dict, path: Path) -> None:
         for bar, v in zip(bars, values, strict=True):
             ax.annotate(f"{v:,.0f}\n({v / base:.1f}x)", (bar.get_x() + bar.get_width() / 2, v),
                         ha="center", va="bottom", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=20)  # long backend names would overlap
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("images / second")
         ax.set_yscale("log" if key == "small_32x32" else "linear")
