@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pipelines.base import LoaderConfig
-from pipelines.normalize import native_crop_normalize, pixel_table
+from pipelines.normalize import Normalizer, native_crop_normalize
 from pipelines.small_datasets import ArraySplit, load_small_dataset
 
 
@@ -65,12 +65,8 @@ class MemoryLoader:
         self.labels = split.labels.to(self.device)
         self.height = split.images.shape[2]
         self.width = split.images.shape[3]
-        c = split.images.shape[1]
-        # x / 255 then (x - mean) / std, folded into one multiply-add
-        std_t = torch.tensor(std, device=self.device).view(1, c, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -torch.tensor(mean, device=self.device).view(1, c, 1, 1) / std_t
-        self.table = pixel_table(self.scale, self.shift)  # the native op's form of scale and shift
+        # The same coefficients as every other backend's normalisation (and the native op's table).
+        self.scale, self.shift, self.table = Normalizer(mean, std).coefficients(self.device)
         self.native = native_crop_normalize() if self.device.type == "cpu" else None
         n = len(split.labels)
         # Train: equal shards (the last n % world_size samples of each permutation wait for the next

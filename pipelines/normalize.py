@@ -44,7 +44,9 @@ class Normalizer:
         self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._native = native_crop_normalize()
 
-    def _coeffs(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def coefficients(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(scale, shift) as [1, C, 1, 1] float32, x * scale + shift = (x / 255 - mean) / std, and
+        the native op's [C, 256] table of the same values; made once per device."""
         if device not in self._cache:
             std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -54,7 +56,7 @@ class Normalizer:
 
     def __call__(self, images: Tensor) -> Tensor:
         """uint8 [B, C, H, W] (any memory format) -> float32 [B, C, H, W]."""
-        scale, shift, table = self._coeffs(images.device)
+        scale, shift, table = self.coefficients(images.device)
         if self._native is not None and images.device.type == "cpu" and images.dtype == torch.uint8:
             b, _, h, w = images.shape
             whole = torch.zeros(b, 2, dtype=torch.long)  # every image, uncropped
