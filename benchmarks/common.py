@@ -1,0 +1,135 @@
+"""What every benchmark shares: device-synchronised timing, summary statistics, and the record of
+the machine and command a figure was measured with (so a JSON result can be reproduced or judged)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so a host clock read brackets it (no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], device: torch.device | str, repeats: int,
+                     warmup: int = 0, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, timed in interleaved rounds so that every fn sees the same
+    background load (the machines are shared); `warmup` untimed calls of each first."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            sync(device)
+            times[name].append(clock() - start)
+    return times
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    """median, quartiles, IQR, min, max and count of a non-empty list."""
+    v = sorted(values)
+    if not v:
+        raise ValueError("quantiles of an empty list")
+    q1, q3 = (v[0], v[0]) if len(v) == 1 else statistics.quantiles(v, n=4, method="inclusive")[::2]
+    return {"median": statistics.median(v), "q25": q1, "q75": q3, "iqr": q3 - q1, "min": v[0], "max": v[-1],
+            "n": len(v)}
+
+
+def max_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the result table."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- environment ----------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux); platform.processor() often says only "x86_64"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository, with "-dirty" when tracked files differ from it; None outside git."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def portable_args(argv: Sequence[str]) -> list[str]:
+    """Arguments with absolute paths inside the repository made relative to it (no machine's paths
+    in tracked result files)."""
+    out = []
+    for arg in argv:
+        path = Path(arg)
+        if path.is_absolute() and path.resolve().is_relative_to(ROOT):
+            arg = str(path.resolve().relative_to(ROOT))
+        out.append(arg)
+    return out
+
+
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command that reproduces this run: `python -m MODULE ARGS` (ARGS: sys.argv when None)."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", module, *portable_args(args)])
+
+
+def environment(device: torch.device | str = "cpu", module: str | None = None,
+                argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The machine, software and command a measurement was taken with."""
+    device = torch.device(device)
+    env: dict[str, Any] = {
+        "device": str(device), "device_name": device_name(device), "cpu_model": cpu_model(),
+        "machine": platform.machine(), "platform": platform.platform(), "hostname": platform.node(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+    }
+    if module is not None:
+        env["command"] = command_line(module, argv)
+    return env
