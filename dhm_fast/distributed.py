@@ -59,7 +59,11 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
 
 
 def process_device(name: str, world: World) -> torch.device:
-    """The device this process trains on: under a launcher, a CUDA process takes GPU LOCAL_RANK."""
+    """The device this process trains on, with its index always set.
+
+    Under a launcher a CUDA process takes GPU LOCAL_RANK, or the only GPU it sees when a scheduler gives
+    each task its own (CUDA_VISIBLE_DEVICES holding one GPU, as SLURM often does).
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -68,12 +72,19 @@ def process_device(name: str, world: World) -> torch.device:
         raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA GPU is available here")
-    if device.type != "cuda" or not world.distributed:
+    if device.type != "cuda":
         return device
+    count = torch.cuda.device_count()
+    if not world.distributed:
+        index = 0 if device.index is None else device.index
+        if index >= count:
+            raise UserError(f"--device {name}: only {count} GPU(s) visible")
+        return torch.device("cuda", index)
     if device.index is not None:
         raise UserError(f"--device {name}: under torchrun each process takes its GPU from LOCAL_RANK; "
                         "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
-    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
     if world.local_rank >= count:
         raise UserError(f"LOCAL_RANK {world.local_rank} but only {count} GPU(s) visible on this node; "
                         "start at most one process per GPU (--nproc_per_node)")
@@ -81,19 +92,21 @@ def process_device(name: str, world: World) -> torch.device:
 
 
 def init(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[World, torch.device]:
-    """Join the process group torchrun describes (if any); returns this process's world and device."""
+    """Join the process group torchrun describes (if any); returns this process's world and device.
+
+    The process's GPU becomes the current device first, before any model or loader exists: DALI and
+    FFCV create their streams, and pinning threads their buffers, on the current device.
+    """
     world = world_from_env()
     device = process_device(device_name, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not world.distributed:
         return world, device
-    if timeout_s <= 0:
-        raise UserError(f"--dist-timeout must be positive, got {timeout_s}")
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise UserError(f"WORLD_SIZE={world.world_size} but {var} is not set; launch with torchrun")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         kwargs = {"device_id": device} if device.type == "cuda" else {}

@@ -1,58 +1,64 @@
-"""Training curves per head as a PNG: the thing a person looks at instead of reading the log."""
+"""Training curves per head as a PNG: the thing a person looks at instead of reading the log.
+
+Drawn from the per-interval training records (so a 2-epoch run shows as many points as a 90-epoch one)
+and the per-epoch validation records. Uses matplotlib's object API: no global backend is switched.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
-def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
-    """Four panels over epochs: train CE and val top-1 per head, pairwise KL, lr and alpha."""
-    if not history:
+def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
+    """Four panels over (fractional) epochs: train CE and val top-1 per head, pairwise KL, lr and alpha."""
+    steps = [r for r in records if r.get("kind") == "interval"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not steps and not epochs:
         return
-    epochs = [r["epoch"] + 1 for r in history]
-    heads = list(history[-1]["val"]["heads"])
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    ax_ce, ax_acc, ax_kl, ax_sched = axes.flat
+    x = [r["epoch_progress"] for r in steps]
+    heads = list((epochs[-1]["val"] if epochs else steps[-1]["train"])["heads"])
+    fig = Figure(figsize=(11, 7.5))
+    ax_ce, ax_acc, ax_kl, ax_sched = fig.subplots(2, 2).flat
 
     for name in heads:
-        ce = [r["train"]["heads"].get(name, {}).get("ce") for r in history]
-        ax_ce.plot(epochs, _nan(ce), marker="o", label=name)
-        acc = [r["val"]["heads"][name]["top1"] for r in history]
-        ax_acc.plot(epochs, acc, marker="o", label=name)
+        ax_ce.plot(x, [_get(r["train"]["heads"], name, "ce") for r in steps], label=name)
+        ax_acc.plot([r["epoch"] + 1 for r in epochs], [r["val"]["heads"][name]["top1"] for r in epochs],
+                    marker="o", label=name)
     ax_ce.set(title="train cross-entropy per head", xlabel="epoch")
-    ax_acc.set(title="validation top-1 % per head", xlabel="epoch")
+    ax_acc.set(title="validation top-1 % per head (epoch ends)", xlabel="epoch")
 
-    pairs = sorted({p for r in history for p in r["train"].get("kl", {})})
+    pairs = sorted({p for r in steps for p in r["train"].get("kl", {})})
     for pair in pairs:
-        ax_kl.plot(epochs, _nan([r["train"]["kl"].get(pair) for r in history]), marker=".", label=pair)
+        ax_kl.plot(x, [r["train"]["kl"].get(pair, float("nan")) for r in steps], label=pair)
     ax_kl.set(title="train KL(teacher -> student)", xlabel="epoch")
     if pairs:
         ax_kl.set_yscale("log")
     else:
         ax_kl.text(0.5, 0.5, "no mimicking terms", ha="center", va="center", transform=ax_kl.transAxes)
 
-    ax_sched.plot(epochs, [r["lr"] for r in history], marker="o", color="tab:gray", label="lr (end of epoch)")
+    ax_sched.plot(x, [r["lr"] for r in steps], color="tab:gray", label="lr")
     ax_sched.set(title="schedules", xlabel="epoch", ylabel="lr")
-    alpha = ax_sched.twinx()
-    alpha.plot(epochs, [r["alpha"] for r in history], marker="s", color="tab:red", label="alpha")
-    alpha.set_ylabel("alpha")
+    ax_alpha = ax_sched.twinx()
+    ax_alpha.plot(x, [r["alpha"] for r in steps], color="tab:red", label="alpha")
+    ax_alpha.set_ylabel("alpha")
+    top = max([r["alpha"] for r in steps] + [1e-12])
+    ax_alpha.set_ylim(0, top * 1.05)
+    for ax in (ax_sched, ax_alpha):
+        ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-9 + 9.99e-1" offset labels
 
     for ax in (ax_ce, ax_acc, ax_kl):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
     ax_sched.legend(loc="upper left", fontsize=8)
-    alpha.legend(loc="upper right", fontsize=8)
+    ax_alpha.legend(loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
-def _nan(values: list) -> list[float]:
-    return [float("nan") if v is None else v for v in values]
+def _get(heads: dict, name: str, key: str) -> float:
+    value = heads.get(name, {}).get(key)
+    return float("nan") if value is None else value

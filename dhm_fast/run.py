@@ -1,7 +1,8 @@
 """One training (or evaluation) run: build the pieces from a config, loop epochs, checkpoint, log.
 
-Outputs in `cfg.out`: last.pt (resumable), best.pt (best main-head val top-1), log.jsonl (a record
-per epoch), curves.png (per-head curves), config.json, summary.json.
+Outputs in `cfg.out`: last.pt (resumable), best.pt (best main-head val top-1), log.jsonl (a training
+record per log interval and a record per epoch, see dhm_fast/logbook.py), curves.png (per-head curves),
+config.json, summary.json, and TensorBoard event files with --tensorboard.
 
 Under torchrun every process runs this same code on its shard of the data (docs/distributed.md): metrics
 are summed over processes before they are logged, and only rank 0 writes files or draws progress bars.
@@ -10,27 +11,25 @@ Checkpoint writes are collective (every process calls `save`), so all processes 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import random
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dhm_fast import checkpoint, distributed
-from dhm_fast.batching import micro_batch
+from dhm_fast import checkpoint, distributed, precision
 from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, evaluate, train_one_epoch
 from dhm_fast.errors import UserError
+from dhm_fast.global_batch import micro_batch
+from dhm_fast.logbook import Logbook
 from dhm_fast.metrics import TrainMeter
 from dhm_fast.models import create_model
 from dhm_fast.optim import build_optimizer
-from dhm_fast.plots import plot_curves
 from dhm_fast.sampling import BranchSampler
 from dhm_fast.schedules import LRSchedule, Ramp, ramp_epochs
 from pipelines import LoaderConfig, create_loaders
@@ -42,21 +41,6 @@ IDENTITY_KEYS = ("arch", "method", "dataset")  # a checkpoint must agree on thes
 def log(msg: str) -> None:
     if distributed.is_main():
         tqdm.write(msg, file=sys.stdout)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device of a single process (under torchrun, `distributed.init` picks GPU LOCAL_RANK)."""
-    return distributed.process_device(name, distributed.World())
-
-
-def make_autocast(amp: str, device: torch.device):
-    """A factory of autocast contexts, and whether fp16 needs a GradScaler."""
-    if amp == "none":
-        return contextlib.nullcontext, False
-    if amp == "fp16" and device.type == "cpu":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return partial(torch.autocast, device_type=device.type, dtype=dtype), amp == "fp16"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -76,11 +60,17 @@ def loader_config(cfg: TrainConfig, device: torch.device, world: distributed.Wor
     return LoaderConfig(
         backend=cfg.loader, dataset=cfg.dataset, data_dir=cfg.data_dir, train_beton=cfg.train_beton,
         val_beton=cfg.val_beton, batch_size=batch_size or cfg.batch_size, device=str(device),
-        channels_last=cfg.channels_last, rank=world.rank, world_size=world.world_size,
+        channels_last=bool(cfg.channels_last), rank=world.rank, world_size=world.world_size,
         seed=cfg.seed, num_workers=cfg.num_workers, image_size=cfg.image_size, val_resize=cfg.val_resize,
         scale_aug=cfg.method not in cfg.no_scale_aug_methods, train_subset=cfg.train_subset,
         strict_data=cfg.strict_data, validation=cfg.data_validation,
     )
+
+
+def compile_limits(num_heads: int) -> None:
+    """Room for one compiled graph per branch pattern (each active set is a guard) plus evaluation's."""
+    patterns = 2 ** (num_heads - 1)  # the main head is always on
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, patterns + 2)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int, device: torch.device):
@@ -97,19 +87,23 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int, device: to
 
 class Run:
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
         self.out = Path(cfg.out)
         self.world, self.device = distributed.init(cfg.device, cfg.dist_timeout)
         if cfg.sync_bn:
             distributed.check_sync_bn(self.device)  # before any data is loaded
         # --batch-size is global: each process runs micro-batches of batch / (world x grad_accum).
         self.micro_batch = micro_batch(cfg.batch_size, self.world.world_size, cfg.grad_accum)
-        self.autocast, needs_scaler = make_autocast(cfg.amp, self.device)
+        speed = precision.choose(cfg.amp, cfg.channels_last, self.device, cfg.deterministic)
+        self.cfg = cfg = dataclasses.replace(cfg, amp=speed.amp, channels_last=speed.channels_last)
+        for note in speed.notes:
+            log(note)
+        precision.apply(speed)
+        self.autocast = precision.autocast_factory(speed, self.device)
         seed_everything(cfg.seed, cfg.deterministic)
         self.train_loader, self.val_loader = create_loaders(
             loader_config(cfg, self.device, self.world, self.micro_batch))
         log(f"data: {cfg.dataset} via the {self.train_loader.name} loader "
-            f"({getattr(self.train_loader, 'reason', '')}); {self.train_loader.num_samples} train / "
+            f"({self.train_loader.reason}); {self.train_loader.num_samples} train / "
             f"{self.val_loader.num_samples} val samples per process")
         self.num_classes = self.train_loader.num_classes
         model = build_model(cfg, self.num_classes, self.train_loader.in_channels, self.device)
@@ -119,15 +113,19 @@ class Run:
         self.head_names = self.model.head_names
         self.num_heads = self.model.num_heads
         sampler = BranchSampler(self.num_heads, cfg.branch_prob, cfg.branch_sample_per, cfg.seed)
-        # DDP goes around the compiled module (torch's advice: Dynamo does not trace DDP's hooks);
-        # evaluation uses the compiled module directly, outside DDP (no collectives per batch).
-        self.eval_net = torch.compile(self.model) if cfg.compile else self.model
-        self.net = distributed.wrap_ddp(self.eval_net, self.device,
-                                        find_unused_parameters=not sampler.always_all)
+        self.net = distributed.wrap_ddp(self.model, self.device, find_unused_parameters=not sampler.always_all)
+        self.eval_net = self.model  # outside DDP: evaluation needs no collective per batch
+        if cfg.compile:
+            # The DDP-wrapped module is compiled, so Dynamo's DDP optimizer splits the graph at bucket
+            # boundaries and gradient all-reduce overlaps the backward pass.
+            compile_limits(self.num_heads)
+            alone = self.net is self.model
+            self.net = torch.compile(self.net)
+            self.eval_net = self.net if alone else torch.compile(self.model)
         if self.world.rank > 0:  # own dropout draws per process; rank 0 keeps the single-process stream
             torch.manual_seed(_rank_seed(cfg.seed, self.world.rank))
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if needs_scaler else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if speed.needs_scaler else None
         self.steps_per_epoch = len(self.train_loader) // cfg.grad_accum  # optimizer steps
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch-size {cfg.batch_size} (global) exceeds the training samples: "
@@ -147,6 +145,7 @@ class Run:
         )
         self.progress = Progress()
         self.meter = TrainMeter(self.num_heads, self.device)
+        self.interval_base: dict | None = None  # the reduced meter at the last training record
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -158,6 +157,7 @@ class Run:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": dataclasses.asdict(self.progress),
             "meter": (meter or self.meter).state_dict(),
+            "interval_base": self.interval_base,
             "rng": checkpoint.rng_state(),
             "config": self.cfg.to_dict(),
             "num_classes": self.num_classes,
@@ -183,7 +183,9 @@ class Run:
         distributed.barrier()
 
     def resume(self, path: Path) -> None:
-        ckpt = checkpoint.load(path, map_location=self.device)
+        # Loaded on the CPU whatever the training device: the RNG states must reach torch.set_rng_state
+        # as CPU tensors; weights, optimizer and meter state are copied to the device as they load.
+        ckpt = checkpoint.load(path, map_location="cpu")
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path} is not a dhm_fast training checkpoint (use --weights for bare weights)")
         saved = ckpt["config"]
@@ -198,6 +200,7 @@ class Run:
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
+        self.interval_base = ckpt.get("interval_base")
         if self.world.is_main:  # the saved meter is the sum over every process of the saving run
             self.meter.load_state_dict(ckpt["meter"])
         rng_ranks = ckpt.get("rng_ranks")
@@ -240,6 +243,9 @@ class Run:
             self.resume(path)
         if self.world.is_main:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            self.logbook = Logbook(self.out, f"{cfg.arch} / {cfg.method} / {cfg.dataset}", cfg.tensorboard,
+                                   resume_step=self.progress.step)
+            self.logbook.rewrite(self.progress.history)  # drops records written after the last checkpoint
         b = self.batch_info()
         where = (f"{b['processes']} processes ({self.world.backend}), " if self.world.distributed else "")
         log(f"training {cfg.arch} with {cfg.method} for {cfg.epochs} epochs on {where}{self.device} "
@@ -260,19 +266,40 @@ class Run:
             ) from None
         return self.finish()
 
+    def schedules_at(self, step: int) -> dict:
+        """lr, alpha and temperature that optimizer step number `step` (1-based) trained with."""
+        position = self.progress.epoch + (step - 1 - self.progress.epoch * self.steps_per_epoch) / self.steps_per_epoch
+        return {"lr": self.parts.lr.lr(position), "alpha": self.parts.alpha.at(position),
+                "temperature": self.parts.temperature.at(position)}
+
+    def log_interval(self, info: dict) -> None:
+        """A training record over the steps since the last one: reduced over processes, kept and written."""
+        now = distributed.reduce_train_meter(self.meter).state_dict()
+        train = _meter_delta(now, self.interval_base).summary(self.head_names)
+        self.interval_base = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in now.items()}
+        step = info["step"]
+        record = {"kind": "interval", "epoch": self.progress.epoch, "step": step,
+                  "epoch_progress": step / self.steps_per_epoch, **self.schedules_at(step), "train": train,
+                  "img_per_s": info["img_per_s"] * self.world.world_size}
+        self.progress.history.append(record)
+        if self.world.is_main:
+            self.logbook.append(record)
+
     def train_epoch(self) -> bool:
         cfg, p = self.cfg, self.progress
         start_step = p.step - p.epoch * self.steps_per_epoch
         start_batch = start_step * cfg.grad_accum  # the loader counts micro-batches
-        _set_epoch(self.train_loader, p.epoch, start_batch)
+        self.train_loader.set_epoch(p.epoch, start_batch)
         bar = tqdm(self.train_loader, total=self.steps_per_epoch * cfg.grad_accum, initial=start_batch,
                    file=sys.stdout, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", mininterval=2.0, leave=False,
                    dynamic_ncols=True, disable=not self.world.is_main)
         t0 = time.perf_counter()
 
-        def on_log(info: dict) -> None:  # rank 0's own shard: the reduced numbers go to the log
-            bar.set_postfix(loss=f"{info['loss']:.3f}", lr=f"{info['lr']:.4f}",
-                            img_s=f"{info['img_per_s'] * self.world.world_size:.0f}")
+        def on_log(info: dict) -> None:
+            self.log_interval(info)
+            last = p.history[-1]
+            bar.set_postfix(loss=f"{last['train']['loss']:.3f}", lr=f"{last['lr']:.4f}",
+                            img_s=f"{last['img_per_s']:.0f}")
 
         finished = train_one_epoch(
             self.parts, bar, p, self.meter, steps_per_epoch=self.steps_per_epoch, max_steps=cfg.max_steps,
@@ -289,11 +316,8 @@ class Run:
                        reduce=distributed.all_reduce_sum, head_names=self.head_names)
         meter = distributed.reduce_train_meter(self.meter)  # over every process
         _check_finite(meter, p.step)
-        epoch_progress = p.epoch + 1
         record = {
-            "epoch": p.epoch, "step": p.step, "lr": self.parts.lr.lr(epoch_progress - 1e-9),
-            "alpha": self.parts.alpha.at(epoch_progress - 1e-9),
-            "temperature": self.parts.temperature.at(epoch_progress - 1e-9),
+            "kind": "epoch", "epoch": p.epoch, "step": p.step, **self.schedules_at(p.step),
             "train": meter.summary(self.head_names), "val": val,
             "train_seconds": train_time, "train_img_per_s": meter.samples / max(train_time, 1e-9),
             "batch": self.batch_info(),
@@ -307,13 +331,11 @@ class Run:
                                        self.out / checkpoint.BEST)
         p.history.append(record)
         p.epoch += 1
-        self.meter = TrainMeter(self.num_heads, self.device)
+        self.meter, self.interval_base = TrainMeter(self.num_heads, self.device), None
         self.save()
         if self.world.is_main:
-            # Rewritten from the history the checkpoint holds, so a run killed between the two writes
-            # and resumed never loses or repeats a record.
-            _write_atomic(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in p.history))
-            plot_curves(p.history, self.out / "curves.png", f"{cfg.arch} / {cfg.method} / {cfg.dataset}")
+            self.logbook.append(record)
+            self.logbook.rewrite(p.history)
             _report_skipped(self.train_loader, self.val_loader)
         heads = "  ".join(f"{n} {h['top1']:.2f}%" for n, h in val["heads"].items())
         log(f"epoch {p.epoch}/{cfg.epochs}: train loss {record['train']['loss']:.4f}, "
@@ -322,11 +344,12 @@ class Run:
 
     def finish(self, stopped_early: bool = False) -> dict:
         p = self.progress
+        epochs = [r for r in p.history if r["kind"] == "epoch"]
         summary = {
             "stopped_early": stopped_early, "epochs_done": p.epoch, "steps": p.step,
             "best_epoch": p.best_epoch + 1 if p.best_epoch >= 0 else None,
             "best_main_top1": p.best_top1 if p.best_epoch >= 0 else None,
-            "final": p.history[-1]["val"] if p.history else None,
+            "final": epochs[-1]["val"] if epochs else None,
             "batch": self.batch_info(),
             "outputs": {k: str(self.out / v) for k, v in
                         (("last", checkpoint.LAST), ("best", checkpoint.BEST), ("log", "log.jsonl"),
@@ -334,15 +357,26 @@ class Run:
         }
         if self.world.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.logbook.close()
         distributed.barrier()
         distributed.destroy()
         return summary
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _meter_delta(now: dict, base: dict | None) -> TrainMeter:
+    """The sums a meter gathered since `base` (two state dicts of one meter; None: since its start)."""
+    meter = TrainMeter(len(now["head_samples"]), torch.device("cpu"))
+    if base is None:
+        meter.load_state_dict({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in now.items()})
+        return meter
+
+    def minus(a, b):
+        if isinstance(a, torch.Tensor):
+            return a.cpu() - b
+        return [minus(x, y) for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a - b
+
+    meter.load_state_dict({k: minus(v, base[k]) for k, v in now.items() if k != "num_heads"})
+    return meter
 
 
 def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -358,21 +392,9 @@ def _check_finite(meter: TrainMeter, step: int) -> None:
 def _report_skipped(*loaders) -> None:
     """Corrupt files never stop a run, but they are never silent either."""
     for loader in loaders:
-        skipped = getattr(loader, "skipped", None) or []
-        if skipped:
-            log(f"{loader.name}: {len(skipped)} unreadable file(s) skipped so far, e.g. "
-                + "; ".join(f"{path} ({why})" for path, why in skipped[:5]))
-
-
-def _set_epoch(loader, epoch: int, start_batch: int) -> None:
-    """Every backend reshuffles per epoch; the in-memory one can also start mid-epoch cheaply."""
-    try:
-        loader.set_epoch(epoch, start_batch=start_batch)
-    except TypeError:
-        loader.set_epoch(epoch)
-        if start_batch:
-            raise UserError(f"the {loader.name} loader cannot resume mid-epoch; resume from an epoch-end "
-                            "checkpoint (leave --save-every-steps at 0)") from None
+        if loader.skipped:
+            log(f"{loader.name}: {len(loader.skipped)} unreadable file(s) skipped so far, e.g. "
+                + "; ".join(f"{path} ({why})" for path, why in loader.skipped[:5]))
 
 
 def evaluate_weights(cfg: TrainConfig) -> dict:
@@ -381,7 +403,10 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
     Under torchrun each process evaluates its shard of the validation set and the counts are summed.
     """
     world, device = distributed.init(cfg.device, cfg.dist_timeout)
-    autocast, _ = make_autocast(cfg.amp, device)
+    speed = precision.choose(cfg.amp, cfg.channels_last, device, cfg.deterministic)
+    cfg = dataclasses.replace(cfg, amp=speed.amp, channels_last=speed.channels_last)
+    precision.apply(speed)
+    autocast = precision.autocast_factory(speed, device)
     seed_everything(cfg.seed, cfg.deterministic)
     _, val_loader = create_loaders(loader_config(cfg, device, world))
     state = checkpoint.model_state(checkpoint.load(cfg.weights, map_location=device))

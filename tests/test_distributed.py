@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dhm_fast import checkpoint, distributed
-from dhm_fast.batching import micro_batch, scale_lr
+from dhm_fast.global_batch import micro_batch, scale_lr
 from dhm_fast.cli import main
 from dhm_fast.config import build_config
 from dhm_fast.errors import UserError

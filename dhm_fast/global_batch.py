@@ -38,8 +38,6 @@ def micro_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
 class ScaledLR:
     lr: float
     warmup_epochs: float
-    factor: float  # 1.0: the recipe's rate unchanged
-    note: str  # one line for the log
 
 
 def scale_lr(
@@ -49,14 +47,11 @@ def scale_lr(
     """The learning rate and warm-up a run uses, from the recipe's and the user's values."""
     warmup = recipe_warmup if explicit_warmup is None else explicit_warmup
     if explicit_lr is not None:
-        return ScaledLR(explicit_lr, warmup, 1.0, f"lr {explicit_lr:g} as given (--lr)")
+        return ScaledLR(explicit_lr, warmup)
     if not enabled or batch == recipe_batch:
-        why = "scaling off" if enabled is False and batch != recipe_batch else "the recipe's batch"
-        return ScaledLR(recipe_lr, warmup, 1.0, f"lr {recipe_lr:g} for global batch {batch} ({why})")
+        return ScaledLR(recipe_lr, warmup)
     factor = batch / recipe_batch
     lr = recipe_lr * factor
     if factor > 1 and explicit_warmup is None:
         warmup = max(warmup, min(MAX_WARMUP_EPOCHS, epochs / 10))
-    note = (f"lr {lr:g} = recipe lr {recipe_lr:g} x global batch {batch} / recipe batch {recipe_batch} "
-            f"(linear scaling), warm-up {warmup:g} epochs")
-    return ScaledLR(lr, warmup, factor, note)
+    return ScaledLR(lr, warmup)

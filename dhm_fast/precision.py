@@ -1,0 +1,77 @@
+"""The speed settings that depend on the device: autocast dtype, memory layout and TF32.
+
+`--amp auto` and an unset `--channels-last` resolve here once the device is known:
+- CUDA: bf16 autocast where the GPU supports it (Ampere and newer), else fp16 with a GradScaler;
+  channels_last (tensor-core convolutions want NHWC); TF32 matmuls and convolutions unless
+  --deterministic asks for bitwise reproducibility.
+- CPU: bf16 autocast only where the CPU has AMX tiles (there it about halves a step; on AVX-512 or
+  AVX2 alone it is slower than fp32), NCHW (oneDNN's fp32 convolutions gain nothing from NHWC here).
+Explicit values are kept as given. `Speed.notes` says what was chosen and why, for the log's first lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from dhm_fast.errors import UserError
+
+
+@dataclass(frozen=True)
+class Speed:
+    amp: str  # none | bf16 | fp16
+    channels_last: bool
+    tf32: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.amp == "fp16"
+
+
+def cpu_has_amx() -> bool:
+    probe = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def choose(amp: str, channels_last: bool | None, device: torch.device, deterministic: bool) -> Speed:
+    """Resolve "auto" settings for `device`, and refuse combinations the device cannot run."""
+    notes = []
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        if cuda:
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            why = "the GPU supports bf16" if amp == "bf16" else "no bf16 on this GPU; fp16 with a GradScaler"
+        else:
+            amp = "bf16" if cpu_has_amx() else "none"
+            why = "the CPU has AMX tiles" if amp == "bf16" else "fp32 is fastest on a CPU without AMX"
+        notes.append(f"--amp auto -> {amp} ({why})")
+    if amp == "fp16" and not cuda:
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    if channels_last is None:
+        channels_last = cuda
+        notes.append(f"channels-last {'on' if cuda else 'off'} ("
+                     + ("tensor-core convolutions want NHWC" if cuda else "NCHW is as fast on the CPU") + ")")
+    tf32 = cuda and not deterministic
+    if cuda:
+        notes.append("TF32 matmuls/convolutions " + ("on" if tf32 else "off (--deterministic)"))
+    return Speed(amp, channels_last, tf32, notes)
+
+
+def apply(speed: Speed) -> None:
+    """Process-wide switches: TF32 for matmuls and cuDNN convolutions."""
+    if speed.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_factory(speed: Speed, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast contexts a step and an evaluation run under."""
+    if speed.amp == "none":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if speed.amp == "bf16" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
