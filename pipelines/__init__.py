@@ -5,32 +5,34 @@ The trainer calls `create_loaders(config)` and never imports DALI or FFCV itself
 
 from __future__ import annotations
 
-from pipelines.base import Loader, LoaderConfig
+import importlib
 
-BACKENDS = ("auto", "torchvision", "dali", "ffcv", "memory", "synthetic")
+from pipelines.base import Loader, LoaderConfig
+from pipelines.workers import default_num_workers
+
+# backend -> (module, factory); imported only when chosen (FFCV's import alone takes seconds).
+_FACTORIES = {
+    "torchvision": ("pipelines.torchvision_loader", "create_torchvision_loaders"),
+    "dali": ("pipelines.dali", "create_dali_loaders"),
+    "ffcv": ("pipelines.ffcv", "create_ffcv_loaders"),
+    "memory": ("pipelines.memory", "create_memory_loaders"),
+    "synthetic": ("pipelines.synthetic", "create_synthetic_loaders"),
+}
+BACKENDS = ("auto", *_FACTORIES)  # the --loader choices
 
 
 def create_loaders(config: LoaderConfig) -> tuple[Loader, Loader]:
     """(train, val) loaders for this process, from the backend named in `config.backend`."""
-    from pipelines.select import resolve_backend
+    from pipelines.backend_choice import resolve_backend
 
     backend, reason = resolve_backend(config)
-    config.backend = backend
-    if backend == "memory":
-        from pipelines.memory import create_memory_loaders as make
-    elif backend == "synthetic":
-        from pipelines.synthetic import create_synthetic_loaders as make
-    elif backend == "torchvision":
-        from pipelines.folder import create_folder_loaders as make
-    elif backend == "dali":
-        from pipelines.dali import create_dali_loaders as make
-    elif backend == "ffcv":
-        from pipelines.ffcv import create_ffcv_loaders as make
-    else:
+    if backend not in _FACTORIES:
         raise ValueError(f"unknown loader {backend!r}; choose one of {', '.join(BACKENDS)}")
-    train, val = make(config)
-    train.reason = reason  # why this backend was chosen, for the log
+    config.backend = backend
+    module, factory = _FACTORIES[backend]
+    train, val = getattr(importlib.import_module(module), factory)(config)
+    train.reason = val.reason = reason
     return train, val
 
 
-__all__ = ["BACKENDS", "Loader", "LoaderConfig", "create_loaders"]
+__all__ = ["BACKENDS", "Loader", "LoaderConfig", "create_loaders", "default_num_workers"]

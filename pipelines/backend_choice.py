@@ -33,8 +33,6 @@ def resolve_backend(config: LoaderConfig) -> tuple[str, str]:
         return config.backend, "asked for with --loader"
     if config.dataset in SMALL_DATASETS:
         return "memory", f"{config.dataset} fits in memory: whole dataset held as one uint8 tensor"
-    if config.dataset == "synthetic":
-        return "synthetic", "synthetic data asked for"
     notes = []
     if config.train_beton or config.val_beton:
         if not (config.train_beton and config.val_beton):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 from torch import Tensor
 
 
@@ -13,20 +14,27 @@ from torch import Tensor
 class Loader(Protocol):
     """Yields (images, labels) batches ready for the model.
 
-    images: float32 (or the backend's float dtype), normalised with the dataset's mean/std, on the
-    training device when the backend can put them there, channels-last when asked.
-    labels: int64 class indices (sorted-folder-name order for folder datasets).
+    images: float32, normalised with the dataset's mean/std, on the training device when the backend
+    can put them there, channels-last when asked.
+    labels: int64 class indices in [0, num_classes) (sorted-folder-name order for folder datasets).
     """
 
     name: str  # backend name for logs, e.g. "memory", "dali-cpu"
+    reason: str  # why this backend was chosen (for the log)
     num_samples: int  # samples this process sees per epoch (its shard)
+    num_classes: int
+    in_channels: int
+    skipped: list[tuple[str, str]]  # (path, why) of every file left out so far, found up front or while loading
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
 
-    def __len__(self) -> int:  # batches per epoch
+    def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
         ...
 
-    def set_epoch(self, epoch: int) -> None:  # new, seed-reproducible shuffle each epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields epoch `epoch` (order and augmentation drawn from the seed and
+        `epoch`), from batch `start_batch` on: exactly the batches an uninterrupted pass would yield
+        from there. Only that one iteration starts mid-way."""
         ...
 
     def close(self) -> None:  # release workers / pipelines
@@ -37,32 +45,40 @@ class Loader(Protocol):
 class LoaderConfig:
     """Everything a backend needs to build the train and val loaders of one process."""
 
-    backend: str = "auto"  # auto | torchvision | dali | ffcv | memory | synthetic
+    backend: str = "auto"  # one of pipelines.BACKENDS
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagenet
     data_dir: str | None = None  # dataset root (ImageFolder root with train/ and val/ for imagenet)
     train_beton: str | None = None  # FFCV files, when the backend is ffcv
     val_beton: str | None = None
-    batch_size: int = 128  # per process
-    val_batch_size: int | None = None  # defaults to batch_size
+    batch_size: int = 128  # per process, train and val
     device: str = "cpu"
     channels_last: bool = False
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    num_workers: int = 2
+    num_workers: int | None = None  # None: pipelines.default_num_workers()
     drop_last: bool = True  # for the train loader; val never drops samples
-    # ImageNet-style augmentation (REFERENCE.md section 4)
+    # ImageNet-style augmentation (docs/data.md)
     image_size: int = 224  # train crop and val crop
     val_resize: int = 256  # shorter side before the val centre crop
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     scale_aug: bool = True  # False: the recipe switch that turns scale augmentation off
-    # small datasets (in-memory path): pad-and-crop + flip
-    crop_padding: int = 4
-    train_subset: int | None = None  # first N training samples (quick runs, benchmarks)
+    train_subset: int | None = None  # train on N samples (pipelines.sharding.subset_indices)
     strict_data: bool = False  # fail on the first corrupt file instead of skipping it
     validation: str = "header"  # folder datasets: "header" (fast) or "full" (decode every file) check
     cache_dir: str | None = None  # where validation verdicts are cached (default ~/.cache/dhm_fast)
     synthetic_shape: tuple[int, int, int] = (3, 224, 224)
     synthetic_classes: int = 1000
     synthetic_batches: int = 100
+
+
+def check_labels(labels, num_classes: int, name_of: Callable[[int], str]) -> None:
+    """ValueError naming the first sample whose label is outside [0, num_classes): such a label would
+    otherwise reach a CUDA kernel as a device-side assert. `name_of(i)` names sample i (file or index)."""
+    values = np.asarray(labels)
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name_of(i)} has label {int(values[i])}, outside [0, {num_classes}) "
+                         f"({len(bad)} such sample(s))")

@@ -4,34 +4,46 @@ One pipeline definition serves both devices: with `config.device` on CUDA, image
 nvJPEG ("mixed") and cropped, resized, flipped and normalised on the GPU; otherwise everything runs
 in DALI's CPU mode (`device_id=None`), which is also what the tests exercise.
 
-  train, scale_aug=True:  decode with a random crop of area in `scale` and aspect in `ratio`,
-                          resize to image_size, flip with p=0.5
-  train, scale_aug=False: decode, resize the shorter side to val_resize, random image_size crop, flip
-  val:                    decode, resize the shorter side to val_resize, centre crop image_size
+  train: decode only the rectangle that pipelines.augment chose (the same rule and random numbers as
+         the torchvision loader's), resize it to image_size, flip it when chosen
+  val:   decode, resize the shorter side to val_resize, centre crop image_size
 then normalise with the ImageNet mean/std (channels-last when asked: DALI writes HWC and the batch is
 viewed as NCHW, which costs nothing).
 
-The reader is fed this process's shard of the validated file list, in this epoch's order (see
-pipelines.sharding), and a pipeline is built per epoch with a seed derived from (seed, epoch, rank):
-orders and augmentations are reproducible, every backend visits the samples in the same order, and
-val sees each sample exactly once across processes. Building a pipeline takes milliseconds on CPU.
+Each split has one pipeline, built on first use and reset at the start of every epoch. Its input is an
+external source that this module feeds, batch by batch, with the file bytes of this process's shard
+in the epoch's order (pipelines.sharding), from `start_batch` on, plus each train sample's crop
+rectangle and flip: orders and augmentations depend only on (seed, epoch, rank, batch), so a resumed
+epoch yields exactly the batches of the uninterrupted one. Files are read, and their headers parsed
+for the image size, by a few threads ahead of the pipeline. An epoch left before its end (the consumer
+stopped early) cannot be reset in DALI; its pipeline is dropped then and rebuilt for the next epoch.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import weakref
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from pipelines.base import LoaderConfig
-from pipelines.folder import scan_folder_dataset
-from pipelines.imagefolder import ImageList
+from pipelines.augment import TrainCrop, batch_draws, flipped
+from pipelines.base import LoaderConfig, check_labels
+from pipelines.imagefolder import ImageList, check_image, scan_dataset
 from pipelines.normalize import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.sharding import epoch_indices, num_batches, shard_size
+from pipelines.workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
+
+PIPELINE_SEED = 0  # no DALI operator draws random numbers: augmentation comes with the input
+READ_AHEAD = 3  # batches read by the file threads ahead of the pipeline
 
 
 def dali_available() -> bool:
@@ -55,9 +67,9 @@ def _import_dali():
     return dali, dali_torch
 
 
-def build_pipeline(files: list[str], labels: list[int], config: LoaderConfig, *, train: bool, gpu: bool,
-                   batch_size: int, seed: int, device_id: int | None):
-    """The DALI pipeline for one epoch of one shard (`files` already in reading order)."""
+def build_pipeline(source, config: LoaderConfig, *, train: bool, gpu: bool, batch_size: int, threads: int,
+                   device_id: int | None):
+    """The pipeline of one split; `source` yields its batches (see _EpochSource)."""
     dali, _ = _import_dali()
     fn, types = dali.fn, dali.types
     size = config.image_size
@@ -66,27 +78,26 @@ def build_pipeline(files: list[str], labels: list[int], config: LoaderConfig, *,
     decode_device = "mixed" if gpu else "cpu"
     op_device = "gpu" if gpu else "cpu"
     # nvJPEG buffers sized once for ImageNet-sized images, so they are not regrown batch after batch.
-    decode_opts = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512) if gpu else {}
+    # Orientation is left as stored, as PIL (the torchvision loader, the size parsing) leaves it.
+    decode_opts = dict(output_type=types.RGB, adjust_orientation=False)
+    if gpu:
+        decode_opts.update(device_memory_padding=211_025_920, host_memory_padding=140_544_512)
 
-    pipe = dali.pipeline.Pipeline(batch_size=batch_size, num_threads=max(1, config.num_workers),
-                                  device_id=device_id, seed=seed, prefetch_queue_depth=2)
+    pipe = dali.pipeline.Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
+                                  seed=PIPELINE_SEED, prefetch_queue_depth=2)
     with pipe:
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
-        if train and config.scale_aug:
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decode_device, output_type=types.RGB, random_area=list(config.scale),
-                random_aspect_ratio=list(config.ratio), num_attempts=10, **decode_opts)
+        if train:
+            jpegs, label, anchor, shape, mirror = fn.external_source(source=source, num_outputs=5, batch=True,
+                                                                       cycle="raise")
+            images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode_device, axis_names="WH",
+                                             normalized_anchor=False, normalized_shape=False, **decode_opts)
             images = fn.resize(images, device=op_device, resize_x=size, resize_y=size)
-            crop_opts: dict = {}
+            crop_opts = dict(mirror=mirror)
         else:
-            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **decode_opts)
+            jpegs, label = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise")
+            images = fn.decoders.image(jpegs, device=decode_device, **decode_opts)
             images = fn.resize(images, device=op_device, resize_shorter=config.val_resize)
             crop_opts = dict(crop=(size, size))
-            if train:  # no-scale-aug recipe: random position of the crop
-                crop_opts.update(crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                                 crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
-        if train:
-            crop_opts["mirror"] = fn.random.coin_flip(probability=0.5)
         images = fn.crop_mirror_normalize(
             images, device=op_device, dtype=types.FLOAT, mean=mean, std=std,
             output_layout="HWC" if config.channels_last else "CHW", **crop_opts)
@@ -94,6 +105,55 @@ def build_pipeline(files: list[str], labels: list[int], config: LoaderConfig, *,
             label = label.gpu()
         pipe.set_outputs(images, label)
     return pipe
+
+
+class _EpochSource:
+    """The external source of one split: each `iter()` (at build and at every reset) starts the epoch
+    the loader is set to, and yields its batches as (encoded files, labels[, anchor, shape, mirror])."""
+
+    def __init__(self, loader: DaliLoader, threads: int) -> None:
+        self.loader = weakref.proxy(loader)  # the pipeline holds this source: no cycle back to the loader
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="dali-files")
+        self.fed: deque[list[str]] = deque(maxlen=READ_AHEAD + 4)  # files of the latest batches handed over
+
+    def __iter__(self) -> Iterator[tuple]:
+        d = self.loader
+        epoch, start, d.start_batch = d.epoch, d.start_batch, 0  # a resumed epoch starts mid-way once only
+        idx = epoch_indices(len(d.images), rank=d.rank, world_size=d.world_size, shuffle=d.train,
+                            seed=d.seed, epoch=epoch)
+        stop = num_batches(len(idx), d.batch_size, d.drop_last)
+        pending: deque[Future] = deque()
+        for b in range(start, stop):
+            pending.append(self.pool.submit(self._load, idx[b * d.batch_size:(b + 1) * d.batch_size], epoch, b))
+            if len(pending) > READ_AHEAD:
+                yield self._hand_over(pending.popleft())
+        while pending:
+            yield self._hand_over(pending.popleft())
+
+    def _hand_over(self, batch: Future) -> tuple:
+        files, outputs = batch.result()
+        self.fed.append(files)
+        return outputs
+
+    def _load(self, chunk: np.ndarray, epoch: int, batch: int) -> tuple[list[str], tuple]:
+        d = self.loader
+        files = [d.images.files[i] for i in chunk]
+        data = [np.fromfile(f, dtype=np.uint8) for f in files]
+        labels = np.array([d.images.labels[i] for i in chunk], dtype=np.int32).reshape(-1, 1)
+        if not d.train:
+            return files, (data, labels)
+        draws = batch_draws(d.seed, epoch, d.rank, batch, len(chunk))
+        boxes = np.empty((len(chunk), 4), dtype=np.float32)  # x, y, width, height
+        for k, encoded in enumerate(data):
+            with Image.open(io.BytesIO(encoded.tobytes())) as img:  # header only: the size
+                width, height = img.size
+            top, left, h, w = d.crop.box(draws[k], height, width)
+            boxes[k] = (left, top, w, h)
+        mirror = np.array([flipped(row) for row in draws], dtype=np.int32)
+        return files, (data, labels, boxes[:, :2].copy(), boxes[:, 2:].copy(), mirror)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _decode_error_summary(err: RuntimeError, root: str) -> str:
@@ -106,11 +166,14 @@ def _decode_error_summary(err: RuntimeError, root: str) -> str:
 class DaliLoader:
     """DALI loader honouring the `pipelines.base.Loader` contract."""
 
+    reason = ""  # set by create_loaders
+
     def __init__(self, images: ImageList, config: LoaderConfig, *, train: bool) -> None:
         _import_dali()
         self.images = images
         self.config = config
         self.train = train
+        self.crop = TrainCrop.from_config(config)
         self.device = torch.device(config.device)
         self.gpu = self.device.type == "cuda"
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
@@ -118,17 +181,23 @@ class DaliLoader:
         if self.gpu:
             index = self.device.index
             self.device_id = index if index is not None else torch.cuda.current_device()
-        self.batch_size = config.batch_size if train else (config.val_batch_size or config.batch_size)
+        self.batch_size = config.batch_size
         self.drop_last = config.drop_last and train
+        self.seed = config.seed
         self.rank, self.world_size = config.rank, config.world_size
+        self.threads = max(1, resolve_num_workers(config.num_workers))
         self.classes = images.classes
         self.num_classes = len(images.classes)
+        check_labels(images.labels, self.num_classes, lambda i: images.files[i])
         self.in_channels = 3
         self.skipped: list[tuple[str, str]] = list(images.skipped)
         self.num_samples = shard_size(len(images), rank=self.rank, world_size=self.world_size, shuffle=train)
         self.epoch = 0
         self.start_batch = 0
+        self._source: _EpochSource | None = None
         self._pipe = None
+        self._iterator = None
+        self.builds = 0  # pipelines built so far (one, unless an epoch was left before its end)
 
     def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
@@ -137,38 +206,38 @@ class DaliLoader:
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _start_epoch(self):
+        """The pipeline's iterator, positioned at the start of the set epoch (from start_batch)."""
         _, dali_torch = _import_dali()
-        idx = epoch_indices(len(self.images), rank=self.rank, world_size=self.world_size, shuffle=self.train,
-                            seed=self.config.seed, epoch=self.epoch)
-        idx = idx[self.start_batch * self.batch_size:]
-        self.start_batch = 0  # a resumed epoch starts mid-way once only
-        if len(idx) == 0 or (self.drop_last and len(idx) < self.batch_size):
-            return
-        files = [self.images.files[i] for i in idx]
-        labels = [self.images.labels[i] for i in idx]
-        seed = (self.config.seed * 100_003 + self.epoch) * 1_000 + self.rank
-        self.close()
-        self._pipe = build_pipeline(files, labels, self.config, train=self.train, gpu=self.gpu,
-                                    batch_size=self.batch_size, seed=seed % (2**31), device_id=self.device_id)
+        if self._iterator is not None:
+            self._iterator.reset()  # the source is iterated anew: this epoch, from start_batch
+            return self._iterator
+        self._source = _EpochSource(self, self.threads)
+        self._pipe = build_pipeline(self._source, self.config, train=self.train, gpu=self.gpu,
+                                    batch_size=self.batch_size, threads=self.threads, device_id=self.device_id)
         self._pipe.build()
-        policy = dali_torch.LastBatchPolicy.DROP if self.drop_last else dali_torch.LastBatchPolicy.PARTIAL
-        iterator = dali_torch.DALIGenericIterator([self._pipe], ["images", "labels"], reader_name="Reader",
-                                                  last_batch_policy=policy, auto_reset=False)
+        self.builds += 1
+        self._iterator = dali_torch.DALIGenericIterator(
+            [self._pipe], ["images", "labels"], last_batch_policy=dali_torch.LastBatchPolicy.PARTIAL,
+            auto_reset=False, prepare_first_batch=False)
+        return self._iterator
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        remaining = len(self) - self.start_batch
+        if remaining <= 0:
+            self.start_batch = 0
+            return
+        iterator = self._start_epoch()
+        finished = False
         try:
             while True:
                 try:
                     batch = next(iterator)[0]
                 except StopIteration:
+                    finished = True
                     return
                 except RuntimeError as e:
-                    # A data problem, not a bug: a ValueError is what the command line prints as one line.
-                    root = str(self.images.root)
-                    raise ValueError(
-                        f"DALI could not decode a batch of {root} ({_decode_error_summary(e, root)}): "
-                        "a file passed the header check but does not decode; re-run with --data-validation "
-                        "full to find and skip it (training resumes from the last checkpoint)"
-                    ) from None
+                    raise ValueError(self._decode_error(e)) from None
                 images, labels = batch["images"], batch["labels"].view(-1).long()
                 if self.config.channels_last:
                     images = images.permute(0, 3, 1, 2)  # NHWC memory viewed as channels-last NCHW
@@ -177,15 +246,30 @@ class DaliLoader:
                     labels = labels.to(self.device, non_blocking=True)
                 yield images, labels
         finally:
-            del iterator
-            self.close()
+            if not finished:  # left early or failed: DALI cannot reset mid-epoch, so start afresh next time
+                self.close()
+
+    def _decode_error(self, err: RuntimeError) -> str:
+        """One line naming the file DALI failed on: the first recently fed file that PIL cannot decode
+        either (DALI's own message names no file fed by an external source)."""
+        root = str(self.images.root)
+        recent = [f for files in (self._source.fed if self._source else []) for f in files]
+        culprit = next((f"{f} ({why})" for f in recent if (why := check_image(f, full=True))), None)
+        return (f"DALI could not decode a batch of {root} ({culprit or _decode_error_summary(err, root)}): "
+                "a file passed the header check but does not decode; re-run with --data-validation full "
+                "to find and skip it (training resumes from the last checkpoint)")
 
     def close(self) -> None:
-        self._pipe = None  # DALI frees its threads and buffers when the pipeline is collected
+        """Release the pipeline, its buffers and threads now (not when the cycle collector gets to it)."""
+        self._iterator = None
+        self._pipe = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
 
 def create_dali_loaders(config: LoaderConfig) -> tuple[DaliLoader, DaliLoader]:
-    train_list, val_list = scan_folder_dataset(config)
+    train_list, val_list = scan_dataset(config)
     train = DaliLoader(train_list, config, train=True)
     val = DaliLoader(val_list, config, train=False)
     log.info("DALI loader on %s (%s decoding)", config.device, "GPU" if train.gpu else "CPU")

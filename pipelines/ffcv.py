@@ -13,8 +13,10 @@ the device with torch, which needs no cupy and no per-pixel JIT loop on the CPU.
 Order and sharding follow pipelines.sharding, like every other backend: same permutation per
 (seed, epoch), val sees each sample exactly once across processes. FFCV's own `distributed=True`
 (a DistributedSampler) is therefore not used: it pads val with duplicates; ranks come from the
-config, which the trainer fills from the initialised process group. FFCV's augmentation draws from
-numba's unseeded per-thread RNG, so crops and flips (unlike the order) are not reproducible.
+config, which the trainer fills from the initialised process group. `--train-subset` reaches FFCV as
+its Loader's `indices` (the same samples as every backend's). FFCV's augmentation draws from numba's
+unseeded per-thread RNG, so crops and flips (unlike the order) are not reproducible. Every label is
+checked against the number of classes once, when the file is opened, from the file's metadata.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipelines.base import LoaderConfig
+from pipelines.base import LoaderConfig, check_labels
 from pipelines.normalize import Normalizer
-from pipelines.sharding import epoch_indices, num_batches, shard_size
+from pipelines.sharding import epoch_indices, num_batches, shard_size, subset_indices
+from pipelines.workers import resolve_num_workers
 
 _torch_threads = torch.get_num_threads()  # importing FFCV sets torch's thread count to 1: undone below
 try:
@@ -131,20 +134,23 @@ class FfcvLoader:
     """FFCV loader honouring the `pipelines.base.Loader` contract."""
 
     name = "ffcv"
+    reason = ""  # set by create_loaders
 
     def __init__(self, beton: str | Path, config: LoaderConfig, *, train: bool) -> None:
         reader = check_beton(beton)
         self.path = Path(beton)
         self.train = train
         self.device = torch.device(config.device)
-        self.batch_size = config.batch_size if train else (config.val_batch_size or config.batch_size)
+        self.batch_size = config.batch_size
         self.drop_last = config.drop_last and train
         labels = beton_labels(reader)
         self.classes = read_classes(beton)
-        self.num_classes = len(self.classes) if self.classes else int(labels.max()) + 1
+        self.num_classes = len(self.classes) if self.classes else int(labels.max(initial=0)) + 1
+        check_labels(labels, self.num_classes, lambda i: f"{self.path}: sample {i}")
         self.in_channels = 3
         self.skipped: list[tuple[str, str]] = []  # bad files were dropped at conversion time
-        n = int(reader.num_samples)
+        subset = subset_indices(len(labels), config.train_subset if train else None)
+        n = len(subset)
         self.num_samples = shard_size(n, rank=config.rank, world_size=config.world_size, shuffle=train)
         self.normalize = Normalizer(channels_last=config.channels_last)
         self.epoch = 0
@@ -167,8 +173,8 @@ class FfcvLoader:
         image_ops.append(ToTorchImage(channels_last=True))  # a free NHWC -> NCHW view
         threads = torch.get_num_threads()
         self._loader = Loader(
-            str(beton), batch_size=self.batch_size, num_workers=max(1, config.num_workers),
-            order=OrderOption.SEQUENTIAL, drop_last=self.drop_last, os_cache=True,
+            str(beton), batch_size=self.batch_size, num_workers=max(1, resolve_num_workers(config.num_workers)),
+            order=OrderOption.SEQUENTIAL, drop_last=self.drop_last, os_cache=True, indices=subset,
             pipelines={"image": image_ops, "label": label_ops}, batches_ahead=3,
         )
         torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count: undo
@@ -199,8 +205,9 @@ class FfcvLoader:
             if images.device != self.device:
                 images = images.to(self.device, non_blocking=non_blocking)
                 labels = labels.to(self.device, non_blocking=non_blocking)
-            # normalize() writes a fresh tensor: FFCV reuses its buffers for later batches
-            yield self.normalize(images), labels.long().clone()
+            # normalize() writes a fresh tensor: FFCV reuses its buffers for later batches. Squeeze()
+            # leaves a batch of one label 0-d: reshape it back to [1].
+            yield self.normalize(images), labels.long().reshape(-1).clone()
 
     def close(self) -> None:
         self._loader = None

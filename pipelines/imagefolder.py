@@ -27,6 +27,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.base import LoaderConfig
+from pipelines.sharding import subset_indices
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
@@ -193,6 +196,17 @@ def scan_imagefolder(
         raise FileNotFoundError(f"dataset folder {base} has no {' or '.join(m + '/' for m in missing)} split")
     train = scan_split(base, "train", strict=strict, mode=mode, cache_dir=cache_dir)
     val = scan_split(base, "val", train.classes, strict=strict, mode=mode, cache_dir=cache_dir)
+    return train, val
+
+
+def scan_dataset(config: LoaderConfig) -> tuple[ImageList, ImageList]:
+    """The validated (train, val) lists of `config.data_dir`, train cut to `config.train_subset`."""
+    train, val = scan_imagefolder(config.data_dir, strict=config.strict_data, mode=config.validation,
+                                  cache_dir=config.cache_dir)
+    if config.train_subset:
+        keep = subset_indices(len(train), config.train_subset)
+        train = ImageList(train.root, train.classes, [train.files[i] for i in keep],
+                          [train.labels[i] for i in keep], train.skipped)
     return train, val
 
 

@@ -18,13 +18,17 @@ from torch import Tensor
 
 from pipelines.base import LoaderConfig
 from pipelines.normalize import Normalizer, native_crop_normalize
+from pipelines.sharding import check_shard, epoch_seed, subset_indices
 from pipelines.small_datasets import ArraySplit, load_small_dataset
+
+PADDING = 4  # pixels of zero padding around each image before the random crop (the CIFAR recipe)
 
 
 class MemoryLoader:
     """Batches of one split held on the device; train mode shuffles and augments."""
 
     name = "memory"
+    reason = ""  # set by create_loaders
 
     def __init__(
         self,
@@ -38,12 +42,14 @@ class MemoryLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        padding: int = 4,
+        padding: int = PADDING,
         drop_last: bool = True,
         channels_last: bool = False,
+        num_classes: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        check_shard(rank, world_size)
         self.device = torch.device(device)
         self.train = train
         self.batch_size = batch_size
@@ -63,6 +69,9 @@ class MemoryLoader:
             images = torch.cat([images, images.flip(3)])
         self.images = images
         self.labels = split.labels.to(self.device)
+        self.num_classes = int(split.labels.max()) + 1 if num_classes is None else num_classes
+        self.in_channels = split.images.shape[1]
+        self.skipped: list[tuple[str, str]] = []  # an array dataset has no files to skip
         self.height = split.images.shape[2]
         self.width = split.images.shape[3]
         # The same coefficients as every other backend's normalisation (and the native op's table).
@@ -93,7 +102,7 @@ class MemoryLoader:
         if not self.train:
             order = torch.arange(self.rank, n_total, self.world_size, device=self.device)
             return order, order, torch.zeros(len(order), 2, dtype=torch.long, device=self.device)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(n_total, generator=g)
         order = order[: self.num_samples * self.world_size].view(-1, self.world_size)[:, self.rank]
         n = len(order)
@@ -143,20 +152,12 @@ def create_memory_loaders(config: LoaderConfig) -> tuple[MemoryLoader, MemoryLoa
     data = load_small_dataset(config.dataset, config.data_dir)
     train_split = data.train
     if config.train_subset:
-        n = min(config.train_subset, len(train_split.labels))
-        train_split = ArraySplit(train_split.images[:n], train_split.labels[:n])
+        keep = torch.from_numpy(subset_indices(len(train_split.labels), config.train_subset))
+        train_split = ArraySplit(train_split.images[keep], train_split.labels[keep])
     common = dict(
         device=config.device, seed=config.seed, rank=config.rank, world_size=config.world_size,
-        channels_last=config.channels_last,
+        channels_last=config.channels_last, num_classes=data.num_classes, batch_size=config.batch_size,
     )
-    train = MemoryLoader(
-        train_split, data.mean, data.std, batch_size=config.batch_size, train=True,
-        padding=config.crop_padding, drop_last=config.drop_last, **common,
-    )
-    val = MemoryLoader(
-        data.test, data.mean, data.std, batch_size=config.val_batch_size or config.batch_size,
-        train=False, **common,
-    )
-    train.num_classes = val.num_classes = data.num_classes
-    train.in_channels = val.in_channels = data.train.images.shape[1]
+    train = MemoryLoader(train_split, data.mean, data.std, train=True, drop_last=config.drop_last, **common)
+    val = MemoryLoader(data.test, data.mean, data.std, train=False, **common)
     return train, val

@@ -1,16 +1,39 @@
-"""Which samples one process reads in one epoch: the same rule for every folder backend.
+"""Which samples one process reads in one epoch, and the seeds of its randomness: one rule for every
+backend.
 
 Train: a permutation drawn from (seed, epoch), cut into `world_size` equal shards (the last
 n % world_size samples of that permutation wait for another epoch, so every process runs the same
 number of steps). Val: sample i goes to process i % world_size, in order, so across processes every
 sample is seen exactly once and nothing is padded or duplicated (shards may differ by one sample).
-The permutation is the in-memory loader's, so every backend visits samples in the same order.
+Every backend uses this permutation, so every backend visits the samples in the same order.
+
+`--train-subset N` keeps N training samples drawn with a fixed seed (not --seed), before sharding,
+in dataset order: every seed, backend and world size trains on the same images.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+SUBSET_SEED = 20_240_601  # fixed on purpose: the subset must not change with --seed
+
+
+def epoch_seed(seed: int, epoch: int, rank: int | None = None) -> int:
+    """The seed of epoch `epoch`'s randomness: shared by all processes (the sample order) when `rank`
+    is None, else private to process `rank`. Non-negative and below 2**63, as torch and numpy take it."""
+    shared = seed * 100_003 + epoch
+    return (shared if rank is None else shared * 1_000_003 + rank) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def subset_indices(n: int, size: int | None) -> np.ndarray:
+    """The sorted indices of the `size` samples that `--train-subset size` keeps of `n` (all when None)."""
+    if size is None or size >= n:
+        return np.arange(n, dtype=np.int64)
+    if size < 1:
+        raise ValueError(f"--train-subset must be positive, got {size}")
+    keep = np.random.default_rng(SUBSET_SEED).permutation(n)[:size]
+    return np.sort(keep).astype(np.int64)
 
 
 def check_shard(rank: int, world_size: int) -> None:
@@ -23,7 +46,7 @@ def epoch_indices(n: int, *, rank: int, world_size: int, shuffle: bool, seed: in
     check_shard(rank, world_size)
     if not shuffle:
         return np.arange(rank, n, world_size, dtype=np.int64)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=g).numpy()
     per_rank = n // world_size
     return order[: per_rank * world_size].reshape(per_rank, world_size)[:, rank].astype(np.int64)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipelines.base import check_labels
+
 DEFAULT_DIRS = {
     "fashion-mnist": "/usr/share/datasets/fashion-mnist",  # Debian's dataset-fashion-mnist
 }
@@ -61,6 +63,7 @@ def resolve_data_dir(dataset: str, data_dir: str | None) -> Path:
 
 
 def load_small_dataset(dataset: str, data_dir: str | None) -> ArrayDataset:
+    """The dataset's two splits, every label checked against its number of classes."""
     root = resolve_data_dir(dataset, data_dir)
     if dataset == "fashion-mnist":
         train, test = _read_fashion_mnist(root)
@@ -87,6 +90,7 @@ def _read_fashion_mnist(root: Path) -> tuple[ArraySplit, ArraySplit]:
     for split, (img_name, lbl_name) in FASHION_FILES.items():
         images = _read_idx(root / img_name, ndim=3)
         labels = _read_idx(root / lbl_name, ndim=1)
+        check_labels(labels, NUM_CLASSES["fashion-mnist"], lambda i, f=root / lbl_name: f"{f}: sample {i}")
         if len(images) != len(labels):
             raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
         splits.append(
@@ -147,10 +151,11 @@ def _read_cifar(root: Path, dataset: str) -> tuple[ArraySplit, ArraySplit]:
             f"{dataset} folder {base} is missing {', '.join(missing)}; expected the python release "
             f"layout ({folder}/ with {', '.join(train_files + test_files)})"
         )
-    return (_read_cifar_files(base, train_files, label_key), _read_cifar_files(base, test_files, label_key))
+    return (_read_cifar_files(base, train_files, label_key, NUM_CLASSES[dataset]),
+            _read_cifar_files(base, test_files, label_key, NUM_CLASSES[dataset]))
 
 
-def _read_cifar_files(base: Path, names: list[str], label_key: bytes) -> ArraySplit:
+def _read_cifar_files(base: Path, names: list[str], label_key: bytes, num_classes: int) -> ArraySplit:
     images, labels = [], []
     for name in names:
         path = base / name
@@ -161,6 +166,7 @@ def _read_cifar_files(base: Path, names: list[str], label_key: bytes) -> ArraySp
             lbl = np.asarray(entry[label_key], dtype=np.int64)
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
             raise ValueError(f"{path} is not a CIFAR python batch ({e})") from None
+        check_labels(lbl, num_classes, lambda i, f=path: f"{f}: sample {i}")
         images.append(data)
         labels.append(lbl)
     return ArraySplit(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))

@@ -12,13 +12,14 @@ import torch
 from torch import Tensor
 
 from pipelines.base import LoaderConfig
-from pipelines.sharding import check_shard
+from pipelines.sharding import check_shard, epoch_seed
 
 POOL_BATCHES = 4  # distinct batches, cycled (enough that nothing can cache one input)
 
 
 class SyntheticLoader:
     name = "synthetic"
+    reason = ""  # set by create_loaders
 
     def __init__(self, *, batch_size: int, num_batches: int, shape: tuple[int, int, int], num_classes: int,
                  device: str | torch.device = "cpu", channels_last: bool = False, seed: int = 0,
@@ -37,7 +38,7 @@ class SyntheticLoader:
         self.num_classes = num_classes
         self.in_channels = shape[0]
         self.skipped: list[tuple[str, str]] = []
-        g = torch.Generator(device=self.device).manual_seed(seed * 1_000 + rank)
+        g = torch.Generator(device=self.device).manual_seed(epoch_seed(seed, 0, rank))  # one pool for all epochs
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.pool: list[tuple[Tensor, Tensor]] = []
         for _ in range(min(POOL_BATCHES, num_batches)):
@@ -67,6 +68,6 @@ def create_synthetic_loaders(config: LoaderConfig) -> tuple[SyntheticLoader, Syn
                   world_size=config.world_size)
     train = SyntheticLoader(batch_size=config.batch_size, num_batches=config.synthetic_batches,
                             seed=config.seed, **common)
-    val = SyntheticLoader(batch_size=config.val_batch_size or config.batch_size,
+    val = SyntheticLoader(batch_size=config.batch_size,
                           num_batches=max(1, config.synthetic_batches // 10), seed=config.seed + 1, **common)
     return train, val

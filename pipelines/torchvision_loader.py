@@ -1,12 +1,10 @@
-"""The portable ImageFolder loader: torchvision transforms in DataLoader workers.
+"""The portable ImageFolder loader: PIL decoding and torchvision transforms in DataLoader workers.
 
-Augmentation (REFERENCE.md section 4):
-  train, scale_aug=True:  RandomResizedCrop(image_size, scale, ratio) + horizontal flip
-  train, scale_aug=False: resize the shorter side to val_resize, random image_size crop + flip
-                          (the paper's "no scale augmentation" for shallow ResNets with DHM: the
-                          object keeps the scale it has at validation, only its position varies)
-  val:                    resize the shorter side to val_resize, centre crop image_size
-Workers produce uint8 tensors; normalisation (ImageNet mean/std) and channels-last happen on the
+Train: the crop and flip of pipelines.augment, whose random numbers the sampler draws in the main
+process and hands to the workers with each index (so worker count and resuming change nothing).
+Val: resize the shorter side to val_resize, centre crop image_size.
+Workers are persistent (started once, reused every epoch), prefetch `PREFETCH` batches each, and
+produce uint8 tensors, pinned when training on CUDA; normalisation and channels-last happen on the
 training device, on whole batches. A file that fails to decode at run time (validation only reads
 headers by default) is dropped from its batch and reported, never replaced by another sample.
 """
@@ -23,49 +21,54 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
 
-from pipelines.base import LoaderConfig
-from pipelines.imagefolder import ImageList, scan_imagefolder
+from pipelines.augment import TrainCrop, batch_draws, flipped
+from pipelines.base import LoaderConfig, check_labels
+from pipelines.imagefolder import ImageList, scan_dataset
 from pipelines.normalize import Normalizer
 from pipelines.sharding import epoch_indices, num_batches, shard_size
+from pipelines.workers import resolve_num_workers
+
+PREFETCH = 4  # batches in flight per worker
 
 log = logging.getLogger(__name__)
 
 Sample = tuple[Tensor | None, int, tuple[str, str] | None]
 
 
-def build_transform(config: LoaderConfig, train: bool) -> T.Compose:
-    """PIL image -> uint8 [3, H, W] tensor with the recipe's augmentation."""
-    size = config.image_size
-    if train and config.scale_aug:
-        ops = [T.RandomResizedCrop(size, scale=config.scale, ratio=config.ratio, antialias=True),
-               T.RandomHorizontalFlip()]
-    elif train:
-        ops = [T.Resize(config.val_resize, antialias=True), T.RandomCrop(size), T.RandomHorizontalFlip()]
-    else:
-        ops = [T.Resize(config.val_resize, antialias=True), T.CenterCrop(size)]
-    return T.Compose([T.PILToTensor(), *ops])
-
-
 class ImageListDataset(Dataset):
-    """Decodes the validated files of one split; a decode failure yields (None, label, (path, why))."""
+    """Decodes the validated files of one split; a decode failure yields (None, label, (path, why)).
 
-    def __init__(self, images: ImageList, transform: T.Compose) -> None:
+    Indexed by (file index, that sample's augmentation draws or None for val), as EpochSampler yields.
+    """
+
+    def __init__(self, images: ImageList, config: LoaderConfig) -> None:
         self.files = images.files
         self.labels = images.labels
-        self.transform = transform
+        self.size = config.image_size
+        self.crop = TrainCrop.from_config(config)
+        self.val_ops = T.Compose([T.Resize(config.val_resize, antialias=True), T.CenterCrop(self.size)])
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, item: tuple[int, np.ndarray | None]) -> Sample:
+        index, draws = item
         path = self.files[index]
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB")  # grayscale, CMYK, palette PNGs -> 3 channels
         except (OSError, SyntaxError, ValueError) as e:
             return None, self.labels[index], (path, f"cannot decode at load time ({type(e).__name__}: {e})")
-        return self.transform(rgb), self.labels[index], None
+        image = F.pil_to_tensor(rgb)
+        if draws is None:
+            return self.val_ops(image), self.labels[index], None
+        top, left, h, w = self.crop.box(draws, image.shape[1], image.shape[2])
+        image = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        if flipped(draws):
+            image = F.horizontal_flip(image)
+        return image, self.labels[index], None
 
 
 def collate(samples: list[Sample]) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
@@ -76,85 +79,93 @@ def collate(samples: list[Sample]) -> tuple[Tensor, Tensor, list[tuple[str, str]
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
-class EpochSampler(Sampler[int]):
-    """This process's shard of the dataset for the current epoch (see pipelines.sharding)."""
+class EpochSampler(Sampler[tuple[int, np.ndarray | None]]):
+    """This process's shard of the dataset for the current epoch (see pipelines.sharding), each index
+    with its augmentation draws (train) or None (val)."""
 
-    def __init__(self, n: int, *, rank: int, world_size: int, shuffle: bool, seed: int) -> None:
-        self.n, self.rank, self.world_size, self.shuffle, self.seed = n, rank, world_size, shuffle, seed
+    def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int, batch_size: int) -> None:
+        self.n, self.rank, self.world_size, self.train, self.seed = n, rank, world_size, train, seed
+        self.batch_size = batch_size
         self.epoch = 0
-        self.skip = 0  # samples to skip at the start (resuming mid-epoch)
+        self.start_batch = 0  # where a resumed epoch starts
 
     def __len__(self) -> int:
-        n = shard_size(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.shuffle)
-        return n - self.skip
+        n = shard_size(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train)
+        return max(0, n - self.start_batch * self.batch_size)
 
-    def __iter__(self) -> Iterator[int]:
-        idx = epoch_indices(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
-                            seed=self.seed, epoch=self.epoch)
-        return iter(idx[self.skip:].tolist())
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
+        epoch, start, self.start_batch = self.epoch, self.start_batch, 0  # a resumed epoch starts mid-way once
+        idx = epoch_indices(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train,
+                            seed=self.seed, epoch=epoch)
+        for b in range(start, -(-len(idx) // self.batch_size)):
+            chunk = idx[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            if not self.train:
+                yield from ((i, None) for i in chunk)
+                continue
+            draws = batch_draws(self.seed, epoch, self.rank, b, self.batch_size)
+            yield from zip(chunk, draws, strict=False)
 
 
-class FolderLoader:
+class TorchvisionLoader:
     """torchvision ImageFolder-style loader honouring the `pipelines.base.Loader` contract."""
 
     name = "torchvision"
+    reason = ""  # set by create_loaders
 
     def __init__(self, images: ImageList, config: LoaderConfig, *, train: bool) -> None:
         self.images = images
         self.train = train
         self.device = torch.device(config.device)
-        self.batch_size = config.batch_size if train else (config.val_batch_size or config.batch_size)
+        self.batch_size = config.batch_size
         self.drop_last = config.drop_last and train
         self.strict = config.strict_data
-        self.seed = config.seed
         self.classes = images.classes
         self.num_classes = len(images.classes)
+        check_labels(images.labels, self.num_classes, lambda i: images.files[i])
         self.in_channels = 3
         self.skipped: list[tuple[str, str]] = list(images.skipped)  # up front + found while loading
-        self.sampler = EpochSampler(len(images), rank=config.rank, world_size=config.world_size,
-                                    shuffle=train, seed=config.seed)
+        self.sampler = EpochSampler(len(images), rank=config.rank, world_size=config.world_size, train=train,
+                                    seed=config.seed, batch_size=self.batch_size)
         self.num_samples = shard_size(len(images), rank=config.rank, world_size=config.world_size,
                                       shuffle=train)
         self.normalize = Normalizer(channels_last=config.channels_last)
-        self._generator = torch.Generator()
+        workers = resolve_num_workers(config.num_workers)
         self._loader = DataLoader(
-            ImageListDataset(images, build_transform(config, train)),
+            ImageListDataset(images, config),
             batch_size=self.batch_size,
             sampler=self.sampler,
-            num_workers=config.num_workers,
+            num_workers=workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             drop_last=self.drop_last,
-            generator=self._generator,  # reseeded per epoch: workers' augmentation is reproducible
-            prefetch_factor=4 if config.num_workers > 0 else None,
+            # Only seeds the workers' own RNGs, which nothing uses (augmentation comes with the index);
+            # a private generator leaves the trainer's global RNG untouched.
+            generator=torch.Generator().manual_seed(0),
+            persistent_workers=workers > 0,
+            prefetch_factor=PREFETCH if workers > 0 else None,
         )
 
-    def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
+    def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch = epoch
-        self.sampler.skip = start_batch * self.batch_size
-        # Workers seed their RNG from this generator; with num_workers=0 the process RNG is used.
-        self._generator.manual_seed((self.seed * 100_003 + epoch) * 1_000 + self.sampler.rank)
+        self.sampler.start_batch = start_batch
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         non_blocking = self.device.type == "cuda"
-        if self._loader.num_workers > 0:
+        if self._loader.num_workers > 0 and self._loader._iterator is None:
             # Workers are forked now. Unreachable objects still awaiting the cycle collector would be
             # collected in a worker too, and some cannot be: a DALI pipeline's finaliser waits for its
             # threads, which a forked child does not have, and hangs the worker. Collect them here.
             gc.collect()
-        try:
-            for images, labels, bad in self._loader:
-                if bad:
-                    self._report(bad)
-                if len(labels) == 0:
-                    continue
-                images = images.to(self.device, non_blocking=non_blocking)
-                yield self.normalize(images), labels.to(self.device, non_blocking=non_blocking)
-        finally:
-            self.sampler.skip = 0  # a resumed epoch starts mid-way once only
+        for images, labels, bad in self._loader:
+            if bad:
+                self._report(bad)
+            if len(labels) == 0:
+                continue
+            images = images.to(self.device, non_blocking=non_blocking)
+            yield self.normalize(images), labels.to(self.device, non_blocking=non_blocking)
 
     def _report(self, bad: Sequence[tuple[str, str]]) -> None:
         for path, why in bad:
@@ -164,26 +175,13 @@ class FolderLoader:
             self.skipped.append((path, why))
 
     def close(self) -> None:
-        # Workers belong to live iterators and end with them; nothing persistent to release.
-        pass
+        """Stop the persistent workers (they also stop when the loader is collected)."""
+        workers = self._loader._iterator
+        self._loader._iterator = None
+        if workers is not None:
+            workers._shutdown_workers()
 
 
-def create_folder_loaders(config: LoaderConfig) -> tuple[FolderLoader, FolderLoader]:
-    train_list, val_list = scan_folder_dataset(config)
-    train = FolderLoader(train_list, config, train=True)
-    val = FolderLoader(val_list, config, train=False)
-    for loader in (train, val):
-        loader.set_epoch(0)
-    return train, val
-
-
-def scan_folder_dataset(config: LoaderConfig) -> tuple[ImageList, ImageList]:
-    """The validated (train, val) lists; `config.train_subset` keeps a seeded random N of train
-    (the first N files would hold only the first classes)."""
-    train, val = scan_imagefolder(config.data_dir, strict=config.strict_data, mode=config.validation,
-                                  cache_dir=config.cache_dir)
-    if config.train_subset:
-        keep = np.sort(np.random.default_rng(config.seed).permutation(len(train))[: config.train_subset])
-        train = ImageList(train.root, train.classes, [train.files[i] for i in keep],
-                          [train.labels[i] for i in keep], train.skipped)
-    return train, val
+def create_torchvision_loaders(config: LoaderConfig) -> tuple[TorchvisionLoader, TorchvisionLoader]:
+    train_list, val_list = scan_dataset(config)
+    return TorchvisionLoader(train_list, config, train=True), TorchvisionLoader(val_list, config, train=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pipelines.select as select
+import pipelines.backend_choice as backend_choice
 from pipelines import create_loaders
 from pipelines.base import Loader, LoaderConfig
 from pipelines.synthetic import SyntheticLoader, create_synthetic_loaders
@@ -60,18 +60,18 @@ def test_synthetic_rejects_bad_sizes():
     ("imagenet", "cpu", False, set(), True, "torchvision", "FFCV is not installed"),
 ])
 def test_auto_selection(monkeypatch, dataset, device, cuda, have, beton, expected, why):
-    monkeypatch.setattr(select, "module_available", lambda name: name in have)
+    monkeypatch.setattr(backend_choice, "module_available", lambda name: name in have)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     cfg = LoaderConfig(dataset=dataset, device=device, train_beton="t.beton" if beton else None,
                        val_beton="v.beton" if beton else None)
-    backend, reason = select.resolve_backend(cfg)
+    backend, reason = backend_choice.resolve_backend(cfg)
     assert backend == expected and why in reason
 
 
 def test_explicit_choice_and_bad_combinations():
-    assert select.resolve_backend(LoaderConfig(backend="dali")) == ("dali", "asked for with --loader")
+    assert backend_choice.resolve_backend(LoaderConfig(backend="dali")) == ("dali", "asked for with --loader")
     with pytest.raises(ValueError, match="both --train-beton and --val-beton"):
-        select.resolve_backend(LoaderConfig(dataset="imagenet", train_beton="t.beton"))
+        backend_choice.resolve_backend(LoaderConfig(dataset="imagenet", train_beton="t.beton"))
     with pytest.raises(ValueError, match="unknown loader"):
         create_loaders(LoaderConfig(backend="webdataset"))
-    assert select.module_available("torch") and not select.module_available("no_such_module_here")
+    assert backend_choice.module_available("torch") and not backend_choice.module_available("no_such_module_here")
