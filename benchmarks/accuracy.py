@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -35,12 +34,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import matplotlib
+from benchmarks.common import ROOT, environment, portable_args
+from dhm_fast.logbook import read_log
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "fashion-mnist-resnet20-short"
 
 # DHM flags spelled out in full so that no recipe default leaks into a variant.
@@ -129,7 +125,7 @@ def run_once(args: argparse.Namespace, variant: str, seed: int, bench_command: s
 
 def read_run(out: Path, variant: str, seed: int) -> dict:
     stamp = json.loads((out / "bench_command.json").read_text())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = read_log(out, kind="epoch")
     final = log[-1]
     wall_file = out / "bench_wall.json"
     return {
@@ -199,8 +195,7 @@ def write_results(args: argparse.Namespace, errors: list[dict], command: str) ->
         "command": command, "protocol": protocol(args), "variants": table,
         "benchmark_commands": sorted({r["benchmark_command"] for r in records if r.get("benchmark_command")}),
         "runs": sorted(records, key=lambda r: (variants.index(r["variant"]), r["seed"])),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "processor": platform.processor(), "threads_per_run": args.threads, "jobs": args.jobs},
+        "machine": {**environment(), "threads_per_run": args.threads, "jobs": args.jobs},
     }
     base.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     base.with_suffix(".md").write_text(markdown(payload))
@@ -257,6 +252,11 @@ def plot(payload: dict, path: Path) -> None:
     variants = {k: v for k, v in payload["variants"].items() if v["n"]}
     if not variants:
         return
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; chosen at call time so importing this module changes nothing
+    import matplotlib.pyplot as plt
+
     fig, (ax_acc, ax_curve, ax_kl) = plt.subplots(1, 3, figsize=(16, 0.5 * len(variants) + 3.5))
     names = list(variants)
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
@@ -306,13 +306,10 @@ def _shell(cmd: list[str]) -> str:
 
 
 def _portable(argv: list[str]) -> list[str]:
-    """The command line as recorded in results: paths inside the repository made relative to it, and
-    `--results` left out when it names the default folder (no machine's paths in tracked files)."""
+    """The command line as recorded in results: no machine's paths (see `common.portable_args`), and
+    `--results` left out when it names the default folder."""
     out: list[str] = []
-    for arg in argv:
-        path = Path(arg)
-        if path.is_absolute() and path.resolve().is_relative_to(ROOT):
-            arg = str(path.resolve().relative_to(ROOT))
+    for arg in portable_args(argv):
         if out and out[-1] == "--results" and (ROOT / arg).resolve() == (ROOT / "benchmarks" / "results"):
             out.pop()
             continue

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.common import environment
 from pipelines.base import LoaderConfig
 
 # --- data ---------------------------------------------------------------------------------------
@@ -109,8 +108,8 @@ def bench_jpeg(root: Path, workers: int, seconds: float, batch_size: int, out_di
                        cache_dir=str(out_dir / "cache"))
     results: dict[str, dict] = {}
 
-    from pipelines.folder import create_folder_loaders
-    train, _ = create_folder_loaders(cfg)
+    from pipelines.torchvision_loader import create_torchvision_loaders
+    train, _ = create_torchvision_loaders(cfg)
     results["torchvision"] = throughput(train, seconds)
     print_row("torchvision", results["torchvision"])
 
@@ -231,7 +230,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("images / second")
         ax.set_yscale("log" if key == "small_32x32" else "linear")
         ax.margins(y=0.25)
-    fig.suptitle(f"Loader throughput, {report['workers']} workers/threads, {report['machine']}", fontsize=10)
+    fig.suptitle(f"Loader throughput, {report['workers']} workers/threads, "
+                 f"{report['environment']['cpu_count']} x {report['environment']['cpu_model']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -262,12 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"32x32 images ({n_small} in memory, batch 128):")
     small = bench_small(n_small, args.workers, seconds, 128)
     report = {
-        "command": "python -m benchmarks.bench_loaders " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
-        "torch": torch.__version__,
+        "environment": environment("cpu", "benchmarks.bench_loaders", argv),  # taken after the timing
         "workers": args.workers,
-        "torch_threads": args.torch_threads,
-        "load_average_after": os.getloadavg(),
         "jpeg_folder": jpeg,
         "small_32x32": small,
         "speedup_vs_torchvision": {key: {k: v["images_per_s"] / rows["torchvision"]["images_per_s"]

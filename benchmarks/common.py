@@ -124,7 +124,7 @@ def environment(device: torch.device | str = "cpu", module: str | None = None,
     device = torch.device(device)
     env: dict[str, Any] = {
         "device": str(device), "device_name": device_name(device), "cpu_model": cpu_model(),
-        "machine": platform.machine(), "platform": platform.platform(), "hostname": platform.node(),
+        "machine": platform.machine(), "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dhm_fast.losses import dhm_loss
+from dhm_fast.losses import LossConfig
 
 Pattern = tuple[bool, ...]
 
@@ -34,7 +34,7 @@ def step_flops(
     images: Tensor,
     labels: Tensor,
     active: Pattern,
-    loss_kwargs: dict,
+    loss: LossConfig,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[int, int]:
     """(forward FLOPs, forward + loss + backward FLOPs) per image of one training step."""
@@ -48,8 +48,7 @@ def step_flops(
     def train_step() -> None:
         with autocast():
             outputs = model(images, active=active)
-        loss = dhm_loss(outputs, labels, active=active, **loss_kwargs)
-        loss.backward()
+        loss.compute(outputs, labels, active=active)[0].backward()
 
     fwd = count_flops(forward)
     total = count_flops(train_step)
@@ -81,8 +80,8 @@ def model_step_flops(arch: str, method: str, image_size: int, num_classes: int =
         model = create_model(arch, num_classes, method=method, in_channels=in_channels)
         images = torch.empty(2, in_channels, image_size, image_size)
         labels = torch.zeros(2, dtype=torch.long)
-    kwargs = {"method": method}
+    loss = LossConfig(method=method)
     if model.num_heads == 1 or branch_prob >= 1.0:
-        return float(step_flops(model, images, labels, (True,) * model.num_heads, kwargs)[1])
-    per = {pat: float(step_flops(model, images, labels, pat, kwargs)[1]) for pat in patterns(model.num_heads)}
+        return float(step_flops(model, images, labels, (True,) * model.num_heads, loss)[1])
+    per = {pat: float(step_flops(model, images, labels, pat, loss)[1]) for pat in patterns(model.num_heads)}
     return expected(per, [branch_prob] * (model.num_heads - 1))

@@ -7,28 +7,24 @@
 For each method ("variant") a model and optimizer are built the trainer's way, warmed up, and then
 timed in short blocks of steps, the variants interleaved block by block and their order rotated
 every repeat, so that drift on a shared machine hits every variant alike. Each timed step is the
-trainer's own step (`dhm_fast.engine.train_one_epoch`: forward under autocast, `dhm_loss`,
-backward, optimizer step, on-device metrics); the loss call with its backward is timed apart on
-the same logits. Ratios to the baseline are taken within a repeat, then summarised over repeats.
+trainer's own loop and step (`dhm_fast.engine.train_one_epoch` and `train_step`: forward under
+autocast, loss, backward, optimizer step, on-device metrics); the step's loss call with its backward
+is timed apart on the same logits. Ratios to the baseline are taken within a repeat, then summarised over repeats.
 
-Outputs in --out: throughput.json (every figure), throughput.png (images/s per variant, measured
-beside FLOP-predicted), and with --profile a Chrome trace per variant (open in ui.perfetto.dev).
+Outputs in --out (written by `benchmarks.throughput_report`): throughput.json (every figure),
+throughput.png (images/s per variant, measured beside FLOP-predicted), and with --profile a Chrome
+trace per variant (open in ui.perfetto.dev).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
-import platform
 import re
-import resource
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,29 +33,22 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import flops as flopcount
-from benchmarks.telemetry import FIELDS as TELEMETRY_FIELDS
-from benchmarks.telemetry import GpuTelemetry, for_device
-from dhm_fast import fused
+from benchmarks import throughput_report as report
+from benchmarks.common import device_name, log, max_rss_bytes, sync
+from dhm_fast import distributed, precision
 from dhm_fast.config import TrainConfig
-from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, train_one_epoch
+from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, step_parts, train_one_epoch, train_step
 from dhm_fast.errors import UserError
-from dhm_fast.losses import dhm_loss
+from dhm_fast.losses import LossConfig, select_backend
 from dhm_fast.metrics import TrainMeter
 from dhm_fast.models import IMAGENET_ARCHS, MODEL_NAMES, create_model
-from dhm_fast.optim import build_optimizer
-from dhm_fast.run import make_autocast
+from dhm_fast.optim import OPTIMIZER_IMPLS, build_optimizer
 from dhm_fast.sampling import BranchSampler
-from dhm_fast.schedules import LRSchedule, Ramp
+from dhm_fast.telemetry import for_device
 
-SCHEMA = "dhm_fast.throughput/1"
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_VARIANTS = "baseline,dsl,dks,dhm,dhm-p0.5"
 LOADERS = ("synthetic", "memory", "torchvision", "dali", "ffcv", "auto")
-OPTIMIZER_IMPLS = ("trainer", "fused", "foreach")
-# Targets of issue 6, checked on every run and reported (never asserted).
-TARGET_TIME_OVER_FLOPS = 1.10  # DHM time ratio / FLOP ratio, both against the baseline
-TARGET_LOSS_SHARE = 0.02  # loss forward + backward over a DHM step
-TARGET_SAMPLING_EFFICIENCY = 0.70  # time saved by branch sampling / time the skipped FLOPs predict
 Pattern = tuple[bool, ...]
 FULL = {"warmup": 3, "steps": 5, "repeats": 8}
 QUICK = {"warmup": 1, "steps": 2, "repeats": 2}
@@ -121,7 +110,7 @@ class BenchConfig:
     loss_iters: int | None = None  # isolated loss timings per block (default: = steps)
     threads: int | None = None
     reference_loss: bool = False
-    optimizer_impl: str = "trainer"  # trainer (dhm_fast.optim as is) | fused | foreach
+    optimizer_impl: str = "fused"  # SGD kernels: dhm_fast.optim.OPTIMIZER_IMPLS (the trainer uses fused)
     profile: bool = False
     profile_steps: int = 3
     out: str = "bench_out/throughput"
@@ -157,20 +146,6 @@ class BenchConfig:
                              f"{', '.join(OPTIMIZER_IMPLS)}")
         if self.loader not in LOADERS:
             raise ValueError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available here")
-    return device
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -261,36 +236,14 @@ def build_bench(variant: Variant, cfg: BenchConfig, source: BatchSource, device:
         model = model.to(memory_format=torch.channels_last)
     # A small learning rate: the weights' values do not change the cost, and random labels at
     # lr 0.1 could drive a long benchmark to NaN (which would also slow some CPUs down).
-    train_cfg = TrainConfig(arch=cfg.arch, method=variant.method, lr=0.01, branch_prob=variant.branch_prob)
-    optimizer = build_optimizer(model, train_cfg, device)
-    if cfg.optimizer_impl != "trainer":
-        optimizer = with_implementation(optimizer, cfg.optimizer_impl)
+    train_cfg = TrainConfig(arch=cfg.arch, method=variant.method, lr=0.01, branch_prob=variant.branch_prob,
+                            reference_loss=cfg.reference_loss, seed=cfg.seed)
+    optimizer = build_optimizer(model, train_cfg, device, impl=cfg.optimizer_impl)
     net = torch.compile(model) if cfg.compile else model
-    parts = StepParts(
-        model=net, optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type) if needs_scaler else None,
-        autocast=autocast, lr=LRSchedule(train_cfg.lr, "constant"), alpha=Ramp(1.0), temperature=Ramp(1.0),
-        sampler=BranchSampler(model.num_heads, variant.branch_prob, "step", cfg.seed),
-        loss_kwargs=dict(method=variant.method, direction="both", eps=1e-8, label_smoothing=0.0,
-                         reference=cfg.reference_loss),
-    )
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+    sampler = BranchSampler(model.num_heads, variant.branch_prob, "step", cfg.seed)
+    parts = step_parts(train_cfg, net, optimizer, scaler, autocast, sampler)
     return Bench(variant, model, parts, Progress(), TrainMeter(model.num_heads, device))
-
-
-def with_implementation(optimizer: torch.optim.SGD, impl: str) -> torch.optim.SGD:
-    """The same SGD (groups, hyperparameters) with torch's fused or foreach kernels, to compare."""
-    keys = ("params", "lr", "momentum", "dampening", "weight_decay", "nesterov")
-    groups = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
-    sgd = torch.optim.SGD(groups, **{impl: True})
-    if impl == "fused":
-        # torch's fused SGD (2.14) raises TypeError when a parameter gets its first gradient after
-        # others have momentum buffers: exactly a DHM branch first drawn after step 0. Zero buffers
-        # up front avoid it and change nothing (with dampening 0, the first update is buf = grad).
-        for g in sgd.param_groups:
-            if g["momentum"] > 0:
-                for p in g["params"]:
-                    sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return sgd
 
 
 def run_block(bench: Bench, source: BatchSource, steps: int, device: torch.device) -> list[float]:
@@ -318,24 +271,10 @@ def warm_up(bench: Bench, source: BatchSource, cfg: BenchConfig, device: torch.d
     sync(device)
 
 
-def step_once(bench: Bench, batch: tuple[Tensor, Tensor], active: Pattern,
-              mark: Callable[[str], contextlib.AbstractContextManager] | None = None) -> None:
-    """One step with the library calls the engine makes, for warm-up and profiling (labels `mark`)."""
-    mark = mark or (lambda _name: contextlib.nullcontext())
-    parts, (images, labels) = bench.parts, batch
-    with mark("forward"), parts.autocast():
-        outputs = parts.model(images, active=active)
-    with mark("loss"):
-        loss = dhm_loss(outputs, labels, active=active, **parts.loss_kwargs)
-    parts.optimizer.zero_grad(set_to_none=True)
-    with mark("backward"):
-        (parts.scaler.scale(loss) if parts.scaler else loss).backward()
-    with mark("optimizer"):
-        if parts.scaler:
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-        else:
-            parts.optimizer.step()
+def step_once(bench: Bench, batch: tuple[Tensor, Tensor], active: Pattern, mark=None) -> None:
+    """One trainer step on a chosen branch pattern, for warm-up and profiling (phases labelled by `mark`)."""
+    p = bench.parts
+    train_step(p, [batch], active, p.alpha.at(0.0), p.temperature.at(0.0), mark)
 
 
 # --- loss timing, FLOPs, memory --------------------------------------------------------------------
@@ -354,15 +293,14 @@ def make_probes(bench: Bench, source: BatchSource) -> None:
 
 
 def time_loss(bench: Bench, patterns: list[Pattern], iters: int, device: torch.device) -> list[float]:
-    """Seconds of `dhm_loss` forward + its backward (to the logits) for `iters` draws of `patterns`."""
+    """Seconds of the step's loss forward + its backward (to the logits) for `iters` draws of `patterns`."""
     out = []
     for i in range(iters):
         pat = patterns[i % len(patterns)]
         leaves = [x.clone().requires_grad_() if x is not None else None for x in bench.probes[pat]]
         sync(device)
         t0 = time.perf_counter()
-        loss, _ = dhm_loss(leaves, bench.probe_labels, active=pat, return_stats=True,
-                           **bench.parts.loss_kwargs)
+        loss, _ = bench.parts.loss.compute(leaves, bench.probe_labels, active=pat)
         loss.backward()
         sync(device)
         out.append(time.perf_counter() - t0)
@@ -375,15 +313,15 @@ def count_bench(bench: Bench, source: BatchSource, autocast) -> None:
     images, labels = images[:2], labels[:2]
     pats = flopcount.patterns(bench.model.num_heads) if not bench.parts.sampler.always_all else \
         [(True,) * bench.model.num_heads]
-    kwargs = {k: v for k, v in bench.parts.loss_kwargs.items()}
+    loss = bench.parts.loss
     for pat in pats:
-        bench.flops_by_pattern[pat] = flopcount.step_flops(bench.model, images, labels, pat, kwargs, autocast)
-        bench.saved_by_pattern[pat] = saved_activation_bytes(bench.model, images, labels, pat, kwargs,
+        bench.flops_by_pattern[pat] = flopcount.step_flops(bench.model, images, labels, pat, loss, autocast)
+        bench.saved_by_pattern[pat] = saved_activation_bytes(bench.model, images, labels, pat, loss,
                                                              autocast) // images.shape[0]
 
 
 def saved_activation_bytes(model: nn.Module, images: Tensor, labels: Tensor, active: Pattern,
-                           loss_kwargs: dict, autocast) -> int:
+                           loss: LossConfig, autocast) -> int:
     """Bytes autograd keeps for backward in one step, parameters excluded (unique storages).
 
     Device-independent, so it stands in for peak memory where the CPU has no allocator counter.
@@ -400,8 +338,8 @@ def saved_activation_bytes(model: nn.Module, images: Tensor, labels: Tensor, act
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
         outputs = model(images, active=active)
-        loss = dhm_loss(outputs, labels, active=active, **loss_kwargs)
-    del outputs, loss
+        value, _ = loss.compute(outputs, labels, active=active)
+    del outputs, value
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
 
@@ -421,20 +359,10 @@ def resident_bytes(bench: Bench) -> int:
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def quantiles(values: list[float]) -> dict[str, float]:
-    """median, quartiles, IQR, min, max of a list (n >= 1)."""
-    v = sorted(values)
-    if len(v) == 1:
-        q1 = q3 = v[0]
-    else:
-        q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive")
-    return {"median": statistics.median(v), "q25": q1, "q75": q3, "iqr": q3 - q1, "min": v[0], "max": v[-1],
-            "n": len(v)}
-
-
-def run(cfg: BenchConfig) -> dict[str, Any]:
-    """Benchmark every variant; returns the JSON-ready result (also written to cfg.out)."""
-    device = resolve_device(cfg.device)
+def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Benchmark every variant; returns the JSON-ready result (also written to cfg.out). `argv` is
+    recorded as the command (None: this process's own)."""
+    device = distributed.process_device(cfg.device, distributed.World())
     cfg.resolve(device)
     variants = parse_variants(cfg.methods)
     if cfg.threads:
@@ -446,13 +374,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             "--threads 1 gives steadier figures")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    try:
-        autocast, needs_scaler = make_autocast(PRECISIONS[cfg.precision], device)
+    try:  # the trainer's choices: autocast dtype, GradScaler for fp16, TF32 on CUDA
+        speed = precision.choose(PRECISIONS[cfg.precision], cfg.channels_last, device, deterministic=False)
     except UserError as err:
         raise ValueError(str(err).replace("--amp", "--precision")) from None
+    precision.apply(speed)
+    autocast, needs_scaler = precision.autocast_factory(speed, device), speed.needs_scaler
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rss0 = _max_rss_bytes()
+    rss0 = max_rss_bytes()
 
     source = BatchSource(cfg, device)
     images, _ = source.next()
@@ -461,7 +391,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     cfg.num_classes, cfg.in_channels = source.num_classes, source.in_channels
     log(f"{cfg.arch} at {tuple(images.shape[1:])}, batch {cfg.batch_size}, {cfg.precision}, "
         f"{'channels_last' if cfg.channels_last else 'NCHW'}, compile {'on' if cfg.compile else 'off'}, "
-        f"{device} ({device_name(device)}), data: {source.name}, loss: {loss_backend(cfg, device)}")
+        f"{device} ({device_name(device)}), data: {source.name}, loss: {loss_backend(cfg.reference_loss, device)}")
 
     benches = [build_bench(v, cfg, source, device, autocast, needs_scaler) for v in variants]
     for b in benches:
@@ -497,12 +427,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     traces = profile_all(benches, source, cfg, device, out) if cfg.profile else []
     source.close()
-    result = summarise(benches, cfg, device, telemetry, traces, source.name)
+    result = report.summarise(benches, cfg, device, telemetry, traces, source.name,
+                              loss_backend(cfg.reference_loss, device), argv)
     if device.type == "cpu":
-        result["memory"]["process_rss_growth_bytes"] = max(_max_rss_bytes() - rss0, 0)
+        result["memory"]["process_rss_growth_bytes"] = max(max_rss_bytes() - rss0, 0)
     (out / "throughput.json").write_text(json.dumps(result, indent=2))
-    print(format_table(result))
-    plot(result, out / "throughput.png")
+    print(report.format_table(result))
+    report.plot(result, out / "throughput.png")
     log(f"wrote {out / 'throughput.json'} and {out / 'throughput.png'}")
     return result
 
@@ -531,240 +462,9 @@ def profile_all(benches: list[Bench], source: BatchSource, cfg: BenchConfig, dev
     return paths
 
 
-def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, telemetry: GpuTelemetry,
-              traces: list[str], loader_name: str) -> dict[str, Any]:
-    assert cfg.batch_size is not None
-    base = next(b for b in benches if b.variant.method == "baseline")
-    base_block = [sum(t) / len(t) for t in base.step_times]  # mean step time per repeat
-    base_flops = base.flops_by_pattern[(True,)][1]
-    base_min = min(s for blk in base.step_times for s in blk)
-    rows = []
-    for b in benches:
-        probs = [b.variant.branch_prob] * (b.model.num_heads - 1)
-        step_f = {p: f[1] for p, f in b.flops_by_pattern.items()}
-        fwd_f = {p: f[0] for p, f in b.flops_by_pattern.items()}
-        exp_step = flopcount.expected(step_f, probs) if len(step_f) > 1 else next(iter(step_f.values()))
-        exp_fwd = flopcount.expected(fwd_f, probs) if len(fwd_f) > 1 else next(iter(fwd_f.values()))
-        saved = flopcount.expected(b.saved_by_pattern, probs) if len(step_f) > 1 else \
-            next(iter(b.saved_by_pattern.values()))
-        block = [sum(t) / len(t) for t in b.step_times]
-        # FLOPs of the patterns actually drawn in each block (sampling makes them vary by block).
-        realised = [statistics.fmean(step_f[p] for p in pats) for pats in b.block_patterns]
-        ratios = [t / tb for t, tb in zip(block, base_block, strict=True)]
-        shares = [statistics.fmean(lt) / statistics.fmean(st)
-                  for lt, st in zip(b.loss_times, b.step_times, strict=True)]
-        all_steps = [s for blk in b.step_times for s in blk]
-        row: dict[str, Any] = {
-            "name": b.variant.name, "method": b.variant.method, "branch_prob": b.variant.branch_prob,
-            "heads": b.model.num_heads,
-            "params": sum(p.numel() for p in b.model.parameters()),
-            "img_per_s": quantiles([cfg.batch_size / t for t in block]),
-            "step_time_ms": {k: (v * 1e3 if k != "n" else v) for k, v in quantiles(all_steps).items()},
-            "flops_per_image": exp_step,
-            "forward_flops_per_image": exp_fwd,
-            "flop_ratio": exp_step / base_flops,
-            "time_ratio": quantiles(ratios),
-            "realised_flop_ratio": quantiles([f / base_flops for f in realised]),
-            "achieved_gflop_per_s": statistics.median(f * cfg.batch_size / t / 1e9
-                                                      for f, t in zip(realised, block, strict=True)),
-            "loss_ms": {k: (v * 1e3 if k != "n" else v)
-                        for k, v in quantiles([s for blk in b.loss_times for s in blk]).items()},
-            "loss_share": quantiles(shares),
-            "peak_memory_bytes": b.peak_bytes,
-            "saved_activation_bytes_per_image": saved,
-            "flops_by_pattern": {pattern_name(p): {"forward": f[0], "step": f[1]}
-                                 for p, f in b.flops_by_pattern.items()},
-            "telemetry": telemetry.summary(b.variant.name),
-            "nonfinite": b.nonfinite,
-        }
-        row["time_over_flop_ratio"] = row["time_ratio"]["median"] / row["flop_ratio"]
-        # Contention on a shared machine only ever adds time, so the fastest step of each variant
-        # is a second, noise-robust estimate (not for a sampled variant: its fastest step is simply
-        # its cheapest branch pattern).
-        row["time_ratio_min"] = min(all_steps) / base_min if len(step_f) == 1 else None
-        row["_block"] = block
-        row["_realised"] = realised
-        rows.append(row)
-    targets = evaluate_targets(rows)
-    for row in rows:
-        del row["_block"], row["_realised"]
-    return {
-        "schema": SCHEMA,
-        "config": {**dataclasses.asdict(cfg), "device": str(device), "loader": loader_name,
-                   "optimizer_kernels": optimizer_kernels(base.parts.optimizer)},
-        "environment": environment(device),
-        "loss_backend": loss_backend(cfg, device),
-        "methods": rows,
-        "targets": targets,
-        "telemetry": telemetry.summary(),
-        "memory": {"peak_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a (CPU)",
-                   "process_rss_growth_bytes": None},
-        "profile_traces": traces,
-        "notes": [
-            "img_per_s: batch / mean step time of each block; quantiles over blocks (repeats).",
-            "time_ratio: a variant's block mean step time over the baseline's in the same repeat.",
-            "time_ratio_min: fastest step over the baseline's fastest (contention only adds time).",
-            "sampling_efficiency: time saved by branch sampling over the time its skipped FLOPs "
-            "predict, pooled over repeats (realised branch draws).",
-            "flops: torch.utils.flop_counter (convolutions and matrix products) of forward + loss + "
-            "backward per image; for a sampled variant the expectation over branch patterns.",
-            "loss_share: dhm_loss forward + backward timed alone on the same logits, over the step.",
-            "peak_memory_bytes (CUDA): the block's peak minus other variants' resident state.",
-        ],
-    }
-
-
-def evaluate_targets(rows: list[dict]) -> dict[str, Any]:
-    """Issue 6's targets, measured (reported as pass/fail; never asserted)."""
-    by_name = {r["name"]: r for r in rows}
-    out: dict[str, Any] = {}
-    dhm = by_name.get("dhm")
-    if dhm:
-        ratio = dhm["time_over_flop_ratio"]
-        fastest = dhm["time_ratio_min"] / dhm["flop_ratio"]
-        out["dhm_time_over_flop_ratio"] = {"value": ratio, "target": TARGET_TIME_OVER_FLOPS,
-                                           "pass": ratio <= TARGET_TIME_OVER_FLOPS,
-                                           "value_from_fastest_steps": fastest}
-        share = dhm["loss_share"]["median"]
-        out["dhm_loss_share"] = {"value": share, "target": TARGET_LOSS_SHARE,
-                                 "pass": share < TARGET_LOSS_SHARE}
-    for r in rows:
-        if r["method"] != "dhm" or r["branch_prob"] >= 1.0 or not dhm:
-            continue
-        # Per repeat: time saved against full DHM over the time its skipped FLOPs would save.
-        # Pooled over repeats (a ratio of sums: a block whose draw skipped nothing predicts no saving
-        # and would make a per-repeat ratio meaningless); per-repeat values give the spread.
-        saved = predicted = 0.0
-        effs = []
-        for t_full, t_sampled, f_sampled in zip(dhm["_block"], r["_block"], r["_realised"], strict=True):
-            pred = t_full * (1.0 - f_sampled / dhm["flops_per_image"])
-            saved, predicted = saved + t_full - t_sampled, predicted + pred
-            if pred > 0:
-                effs.append((t_full - t_sampled) / pred)
-        if predicted > 0:
-            value = saved / predicted
-            out[f"{r['name']}_sampling_efficiency"] = {"value": value, "spread": quantiles(effs),
-                                                        "target": TARGET_SAMPLING_EFFICIENCY,
-                                                        "pass": value >= TARGET_SAMPLING_EFFICIENCY}
-    return out
-
-
-def optimizer_kernels(optimizer: torch.optim.Optimizer) -> str:
-    d = optimizer.defaults
-    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
-
-
-def pattern_name(p: Pattern) -> str:
-    return "+".join(n for n, on in zip(("main", "aux1", "aux2", "aux3"), p, strict=False) if on)
-
-
-def loss_backend(cfg: BenchConfig, device: torch.device) -> str:
-    if cfg.reference_loss:
-        return "reference (forced)"
-    if fused.available() and fused.has_kernel(device.type):
-        return "fused"
-    return "reference"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    return {
-        "torch": torch.__version__, "python": platform.python_version(), "device_name": device_name(device),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "cuda": torch.version.cuda, "hostname": platform.node(),
-    }
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-# --- output ----------------------------------------------------------------------------------------
-
-
-def format_table(result: dict[str, Any]) -> str:
-    c = result["config"]
-    fmt = "channels_last" if c["channels_last"] else "NCHW"
-    head = (f"{c['arch']} @ {c['image_size']}px, batch {c['batch_size']}, {c['precision']}, "
-            f"{fmt}, compile {'on' if c['compile'] else 'off'}, SGD {c['optimizer_kernels']}, "
-            f"{c['device']} ({result['environment']['device_name']}), loss {result['loss_backend']}, "
-            f"{c['repeats']} repeats x {c['steps']} steps")
-    cols = ("variant", "img/s [IQR]", "step ms (IQR)", "GFLOP/img", "FLOP x", "time x [IQR]", "time/FLOP",
-            "min-step x",
-            "GFLOP/s", "loss ms", "loss %", "peak mem", "act MB/img")
-    lines = [head, "  ".join(f"{x:>14}" if i else f"{x:<10}" for i, x in enumerate(cols))]
-    for r in result["methods"]:
-        ips, st, tr = r["img_per_s"], r["step_time_ms"], r["time_ratio"]
-        mem = f"{r['peak_memory_bytes'] / 2**20:.0f} MiB" if r["peak_memory_bytes"] else "n/a"
-        cells = (r["name"], f"{ips['median']:.1f} [{ips['q25']:.0f}-{ips['q75']:.0f}]",
-                 f"{st['median']:.1f} ({st['iqr']:.1f})", f"{r['flops_per_image'] / 1e9:.3f}",
-                 f"{r['flop_ratio']:.2f}", f"{tr['median']:.2f} [{tr['q25']:.2f}-{tr['q75']:.2f}]",
-                 f"{r['time_over_flop_ratio']:.2f}",
-                 f"{r['time_ratio_min']:.2f}" if r["time_ratio_min"] is not None else "-",
-                 f"{r['achieved_gflop_per_s']:.1f}",
-                 f"{r['loss_ms']['median']:.2f}", f"{100 * r['loss_share']['median']:.2f}", mem,
-                 f"{r['saved_activation_bytes_per_image'] / 2**20:.2f}")
-        lines.append("  ".join(f"{x:>14}" if i else f"{x:<10}" for i, x in enumerate(cells)))
-    for name, t in result["targets"].items():
-        op = "<=" if "ratio" in name else "<" if "share" in name else ">="
-        extra = (f"; from the fastest steps: {t['value_from_fastest_steps']:.4g}"
-                 if "value_from_fastest_steps" in t else "")
-        lines.append(f"target {name}: {t['value']:.4g} (target {op} {t['target']}): "
-                     f"{'PASS' if t['pass'] else 'MISS'}{extra}")
-    tel = result["telemetry"]
-    if tel.get("available"):
-        for r in result["methods"]:
-            s = r["telemetry"]
-            lines.append(f"telemetry {r['name']}: " + ", ".join(
-                f"{k} {s[k]['mean']:.0f} (max {s[k]['max']:.0f})" for k in TELEMETRY_FIELDS if s.get(k)))
-    else:
-        lines.append(f"GPU telemetry: {tel['reason']}")
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Images/s per variant: measured (with the IQR over repeats) beside the FLOP-predicted bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["methods"]
-    base = next(r for r in rows if r["method"] == "baseline")
-    names = [r["name"] for r in rows]
-    measured = [r["img_per_s"]["median"] for r in rows]
-    err = [[r["img_per_s"]["median"] - r["img_per_s"]["q25"] for r in rows],
-           [r["img_per_s"]["q75"] - r["img_per_s"]["median"] for r in rows]]
-    predicted = [base["img_per_s"]["median"] / r["flop_ratio"] for r in rows]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4.2))
-    ax.bar([i - 0.2 for i in x], measured, 0.4, yerr=err, capsize=3, label="measured (median, IQR)")
-    ax.bar([i + 0.2 for i in x], predicted, 0.4, alpha=0.6, label="FLOP-predicted from the baseline")
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("training images / s")
-    c = result["config"]
-    ax.set_title(f"{c['arch']} @ {c['image_size']}px, batch {c['batch_size']}, {c['precision']}, "
-                 f"{result['environment']['device_name']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def loss_backend(reference: bool, device: torch.device) -> str:
+    backend = select_backend(device, reference=reference)
+    return f"{backend.name} ({backend.reason})"
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -800,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-loss", action="store_true",
                    help="use the plain-PyTorch loss, not the fused op")
     p.add_argument("--optimizer-impl", default=d.optimizer_impl, choices=OPTIMIZER_IMPLS,
-                   help="SGD kernels: the trainer's choice (dhm_fast.optim), or force fused / foreach")
+                   help="torch's SGD kernels (the trainer uses fused)")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace per variant")
     p.add_argument("--profile-steps", type=int, default=d.profile_steps)
     p.add_argument("--out", default=d.out)
@@ -814,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = BenchConfig(**{k: v for k, v in vars(args).items()})
     try:
-        run(cfg)
+        run(cfg, argv)
     except (ValueError, FileNotFoundError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """The training loop, read top to bottom: one epoch of training, one pass of evaluation.
 
-The trainer never branches on the method: the model returns its heads, `dhm_loss` turns them into
+The trainer never branches on the method: the model returns its heads, the run's `LossConfig` turns them into
 one loss. Metrics stay on the device; the host syncs once per log interval, never per step.
 """
 
@@ -9,16 +9,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from dhm_fast.losses import dhm_loss
+from dhm_fast.config import TrainConfig
+from dhm_fast.losses import LossConfig, LossStats
 from dhm_fast.metrics import EvalMeter, TrainMeter
 from dhm_fast.sampling import BranchSampler
-from dhm_fast.schedules import LRSchedule, Ramp
+from dhm_fast.schedules import LRSchedule, Ramp, ramp_epochs
 
 
 class NonFiniteLoss(Exception):
@@ -50,7 +51,25 @@ class StepParts:
     alpha: Ramp
     temperature: Ramp
     sampler: BranchSampler
-    loss_kwargs: dict  # method, direction, eps, label_smoothing, ce_weights, reference
+    loss: LossConfig
+
+
+def step_parts(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None, autocast: Callable[[], contextlib.AbstractContextManager],
+               sampler: BranchSampler) -> StepParts:
+    """The step's schedules and loss from the training settings; `model` is what the step runs (it
+    may be compiled or DDP-wrapped). The trainer and the throughput benchmark both build it here."""
+    return StepParts(
+        model=model, optimizer=optimizer, scaler=scaler, autocast=autocast,
+        lr=LRSchedule(cfg.lr, cfg.lr_schedule, tuple(cfg.milestones), cfg.gamma, cfg.warmup_epochs, cfg.epochs),
+        alpha=Ramp(cfg.alpha, cfg.alpha_ramp, ramp_epochs(cfg.alpha_ramp_epochs, cfg.epochs)),
+        temperature=Ramp(cfg.temperature, cfg.temperature_ramp, ramp_epochs(cfg.temperature_ramp_epochs, cfg.epochs),
+                         cfg.temperature_start),
+        sampler=sampler,
+        loss=LossConfig(method=cfg.method, direction=cfg.direction, eps=cfg.eps,
+                        ce_weights=(1.0,) + (cfg.aux_weight,) * (sampler.num_heads - 1),
+                        label_smoothing=cfg.label_smoothing, reference=cfg.reference_loss),
+    )
 
 
 def train_one_epoch(
@@ -69,13 +88,10 @@ def train_one_epoch(
 ) -> bool:
     """Train until the loader's epoch ends (True) or `max_steps` is reached (False).
 
-    One optimizer step consumes `grad_accum` consecutive micro-batches of the loader; each one's loss
-    is scaled by 1/grad_accum, so the step sees the gradient of the mean over all of them. Under DDP
-    only the last micro-batch's backward all-reduces (the others run inside `no_sync`). Progress,
-    schedules and branch sampling count optimizer steps.
+    One optimizer step (`train_step`) consumes `grad_accum` consecutive micro-batches of the loader.
+    Progress, schedules and branch sampling count optimizer steps.
     """
-    model, optimizer = parts.model, parts.optimizer
-    model.train()
+    parts.model.train()
     bad_step = torch.full((), -1, dtype=torch.long, device=meter.loss_sum.device)
     t0, seen = time.perf_counter(), 0
     for micro_batches in _groups(loader, grad_accum):
@@ -85,35 +101,15 @@ def train_one_epoch(
         in_epoch = progress.step - progress.epoch * steps_per_epoch
         epoch_progress = progress.epoch + in_epoch / steps_per_epoch
         lr = parts.lr.lr(epoch_progress)
-        for group in optimizer.param_groups:
+        for group in parts.optimizer.param_groups:
             group["lr"] = lr
         active = parts.sampler.active(progress.epoch, progress.step)
         alpha, temperature = parts.alpha.at(epoch_progress), parts.temperature.at(epoch_progress)
-
-        optimizer.zero_grad(set_to_none=True)
-        for i, (images, labels) in enumerate(micro_batches):
-            with _sync_grads(model, i == len(micro_batches) - 1):
-                with parts.autocast():
-                    outputs = model(images, active=active)
-                loss, stats = dhm_loss(
-                    outputs, labels, active=active, return_stats=True, alpha=alpha, temperature=temperature,
-                    **parts.loss_kwargs,
-                )
-                scaled = loss / len(micro_batches) if len(micro_batches) > 1 else loss
-                if parts.scaler is not None:
-                    parts.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
+        for loss, stats, batch in train_step(parts, micro_batches, active, alpha, temperature):
             # Remember the first non-finite step without a host sync; checked at log time.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), progress.step, bad_step)
-            meter.update(loss, stats, len(labels), active)
-            seen += len(labels)
-        if parts.scaler is not None:
-            parts.scaler.step(optimizer)
-            parts.scaler.update()
-        else:
-            optimizer.step()
-
+            meter.update(loss, stats, batch, active)
+            seen += batch
         progress.step += 1
         if progress.step % log_every == 0 or progress.step % steps_per_epoch == 0:
             _raise_if_bad(bad_step)
@@ -126,6 +122,46 @@ def train_one_epoch(
             on_checkpoint()
     _raise_if_bad(bad_step)
     return True
+
+
+def train_step(
+    parts: StepParts,
+    micro_batches: Sequence[tuple[Tensor, Tensor]],
+    active: tuple[bool, ...],
+    alpha: float,
+    temperature: float,
+    mark: Callable[[str], contextlib.AbstractContextManager] | None = None,
+) -> list[tuple[Tensor, LossStats, int]]:
+    """One optimizer step: forward under autocast, loss, backward (scaled when a GradScaler is set)
+    for each micro-batch, then the optimizer step. The trainer and the throughput benchmark both run
+    exactly this. Returns each micro-batch's detached loss, its stats and its size; nothing here
+    reads a device value on the host.
+
+    Each micro-batch's loss is divided by their number, so the step sees the gradient of the mean;
+    under DDP only the last backward all-reduces (the others run inside `no_sync`). `mark(name)`
+    wraps each phase (forward, loss, backward, optimizer), e.g. with a profiler label.
+    """
+    mark = mark or (lambda _phase: contextlib.nullcontext())
+    parts.optimizer.zero_grad(set_to_none=True)
+    n = len(micro_batches)
+    results = []
+    for i, (images, labels) in enumerate(micro_batches):
+        with _sync_grads(parts.model, i == n - 1):
+            with mark("forward"), parts.autocast():
+                outputs = parts.model(images, active=active)
+            with mark("loss"):
+                loss, stats = parts.loss.compute(outputs, labels, active=active, alpha=alpha, temperature=temperature)
+            scaled = loss / n if n > 1 else loss
+            with mark("backward"):
+                (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+        results.append((loss.detach(), stats, len(labels)))
+    with mark("optimizer"):
+        if parts.scaler is not None:
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+        else:
+            parts.optimizer.step()
+    return results
 
 
 def _groups(loader, n: int):

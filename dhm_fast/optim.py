@@ -1,4 +1,4 @@
-"""SGD as in the papers' recipes, with torch's fused kernel (CPU and CUDA)."""
+"""SGD as in the papers' recipes, with torch's fused kernels (CPU and CUDA) by default."""
 
 from __future__ import annotations
 
@@ -7,24 +7,29 @@ from torch import nn
 
 from dhm_fast.config import TrainConfig
 
+OPTIMIZER_IMPLS = ("fused", "foreach")
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:
     """One group, or two when norm weights and biases (all 1-d tensors) are exempt from decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if not no_decay_norm_bias:
+    if decay_norm_bias:
         return [{"params": params, "weight_decay": weight_decay}]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.SGD:
-    # Fused SGD: 3-4x faster than foreach on the CPU too (benchmarks/throughput.py --optimizer-impl).
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, impl: str = "fused") -> torch.optim.SGD:
+    """SGD with torch's `impl` kernels: fused is 3-4x faster than foreach on the CPU too (measured with
+    `python -m benchmarks.throughput --optimizer-impl`)."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"unknown SGD implementation {impl!r}; choose one of {', '.join(OPTIMIZER_IMPLS)}")
     optimizer = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias),
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, fused=True,
+        param_groups(model, cfg.weight_decay, cfg.decay_norm_bias),
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **{impl: True},
     )
-    if cfg.momentum > 0:
+    if cfg.momentum > 0 and impl == "fused":
         # The fused kernel fails when a parameter gets its first gradient after others already hold
         # momentum (a branch skipped at step 0 and drawn later). Zero buffers up front give the same
         # updates (dampening 0: the first step sets buf = grad either way).

@@ -1,9 +1,10 @@
 """GPU telemetry through NVML (package nvidia-ml-py, imported as pynvml), sampled in a thread.
 
-While a benchmark runs, a background thread reads utilisation, memory in use, power draw and the
-SM clock every `interval_s`, tagging each sample with the label of what is running (e.g. the
-method being timed). Without a GPU or an NVIDIA driver the sampler reports "not available" and
-the benchmark carries on: telemetry never raises.
+While training or a benchmark runs, a background thread reads utilisation, memory in use, power draw
+and the SM clock every `interval_s`, tagging each sample with the label of what is running (e.g. the
+method being timed). The trainer takes the means since its previous log record (`take`); a benchmark
+summarises by label (`summary`). Without a GPU or an NVIDIA driver the sampler reports "not
+available" and returns nothing: telemetry never raises.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class GpuTelemetry:
         self.samples: list[dict[str, Any]] = []
         self._label: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._nvml: Any = None
         self._handle: Any = None
@@ -92,7 +94,8 @@ class GpuTelemetry:
         while not self._stop.wait(self.interval_s):
             sample = self.sample_once()
             if sample:
-                self.samples.append(sample)
+                with self._lock:
+                    self.samples.append(sample)
 
     def sample_once(self) -> dict[str, Any]:
         """One reading; a field the GPU cannot report (e.g. power on some boards) is left out."""
@@ -112,6 +115,19 @@ class GpuTelemetry:
             except Exception:
                 continue
         return sample
+
+    def take(self) -> dict[str, float]:
+        """Mean of every field over the samples since the previous call, as flat numbers (e.g. for a log
+        record); {} when NVML is unavailable or no sample came in. The samples are consumed, so a
+        long run holds only one interval's."""
+        with self._lock:
+            rows, self.samples = self.samples, []
+        out = {}
+        for key in FIELDS:
+            values = [s[key] for s in rows if key in s]
+            if values:
+                out[key] = statistics.fmean(values)
+        return out
 
     def summary(self, label: str | None = None) -> dict[str, Any]:
         """Mean and max of every field over the samples with `label` (all samples when None)."""
@@ -133,13 +149,13 @@ def _shutdown(nvml: Any) -> None:
 
 
 def for_device(device: Any, interval_s: float = 0.1) -> GpuTelemetry:
-    """A sampler for a torch device: the matching NVML GPU for CUDA, an unavailable one otherwise."""
+    """A sampler for a torch device: the matching NVML GPU for CUDA, an unavailable one otherwise
+    (NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES, so the GPU is found by its UUID)."""
     import torch
 
     device = torch.device(device)
     if device.type != "cuda":
-        return GpuTelemetry(interval_s=interval_s, disabled_reason=f"the benchmark runs on {device.type}, "
-                            "not a CUDA GPU")
+        return GpuTelemetry(interval_s=interval_s, disabled_reason=f"{device.type} is not a CUDA GPU")
     index = device.index if device.index is not None else torch.cuda.current_device()
     uuid = None
     try:

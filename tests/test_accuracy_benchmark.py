@@ -12,8 +12,10 @@ def fake_run(folder, top1: float) -> None:
     folder.mkdir(parents=True)
     (folder / "bench_command.json").write_text(json.dumps({"command": ["train.py"], "benchmark": "bench"}))
     (folder / "summary.json").write_text(json.dumps({"stopped_early": False}))
-    epoch = {"val": {"heads": {"main": {"top1": top1}}}, "alpha": 1.0, "train": {"kl": {}}, "train_seconds": 1.0}
-    (folder / "log.jsonl").write_text("\n".join(json.dumps(epoch) for _ in range(2)))
+    epoch = {"kind": "epoch", "val": {"heads": {"main": {"top1": top1}}}, "alpha": 1.0, "train": {"kl": {}},
+             "train_seconds": 1.0}
+    interval = {"kind": "interval", "train": {"loss": 1.0}}  # training records between epochs: not read
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (interval, epoch, interval, epoch)))
 
 
 def test_results_keep_runs_whose_folders_are_gone_and_prefer_the_folders(tmp_path):
@@ -31,7 +33,9 @@ def test_results_keep_runs_whose_folders_are_gone_and_prefer_the_folders(tmp_pat
     fake_run(tmp_path / "runs" / args.name / "dsl" / "seed0", 75.0)
     accuracy.write_results(args, [], "cmd")
 
-    table = json.loads((tmp_path / "results" / f"accuracy-{args.name}.json").read_text())["variants"]
+    payload = json.loads((tmp_path / "results" / f"accuracy-{args.name}.json").read_text())
+    assert [r["epochs"] for r in payload["runs"]] == [2, 2, 2]  # epoch records only, not the interval ones
+    table = payload["variants"]
     assert table["baseline"]["seeds"] == [0, 1] and table["baseline"]["main_top1"] == [80.0, 90.0]
     assert table["dsl"]["main_top1"] == [75.0]  # the folder's result replaces the recorded one
     assert table["baseline"]["mean"] == 85.0

@@ -1,19 +1,20 @@
-"""benchmarks/: the throughput benchmark end to end (CPU, quick), FLOP counts against independent
-counts, the cost model's arithmetic, and GPU telemetry without NVML. No timing assertions."""
+"""benchmarks/: the throughput benchmark end to end (CPU, quick), the shared timing and environment
+helpers, FLOP counts against independent counts and the cost model's arithmetic. No timing assertions."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
+import re
 import types
 
 import pytest
 import torch
 from torch import nn
 
-from benchmarks import cost, flops, telemetry, throughput
+from benchmarks import common, cost, flops, throughput
+from benchmarks import throughput_report as report
 
 # --- the throughput benchmark, end to end ---------------------------------------------------------
 
@@ -43,7 +44,7 @@ def quick_result(tmp_path_factory):
 def test_quick_run_writes_json_with_every_field(quick_result):
     out, data = quick_result
     assert set(data) == TOP_FIELDS
-    assert data["schema"] == throughput.SCHEMA
+    assert data["schema"] == report.SCHEMA
     assert [r["name"] for r in data["methods"]] == ["baseline", "dsl", "dks", "dhm", "dhm-p0.5"]
     cfg = data["config"]
     assert (cfg["arch"], cfg["image_size"], cfg["batch_size"], cfg["steps"], cfg["repeats"]) == \
@@ -66,7 +67,11 @@ def test_quick_run_writes_json_with_every_field(quick_result):
         assert row["time_over_flop_ratio"] == pytest.approx(row["time_ratio"]["median"] / row["flop_ratio"])
         assert (row["time_ratio_min"] is None) == (row["name"] == "dhm-p0.5")
     rows = {r["name"]: r for r in data["methods"]}
-    assert rows["baseline"]["flop_ratio"] == 1.0 and rows["baseline"]["time_ratio"]["median"] == 1.0
+    base = rows["baseline"]
+    for row in rows.values():  # ratios are taken against the baseline's own figures
+        assert row["flop_ratio"] == pytest.approx(row["flops_per_image"] / base["flops_per_image"])
+    # A step is forward + backward: backward costs about two forwards (less the images' input gradient).
+    assert 2 * base["forward_flops_per_image"] < base["flops_per_image"] <= 3 * base["forward_flops_per_image"]
     # Same network and heads: the three all-branch methods cost the same arithmetic.
     assert rows["dsl"]["flops_per_image"] == rows["dks"]["flops_per_image"] == rows["dhm"]["flops_per_image"]
     assert rows["dhm"]["flop_ratio"] > 1.5
@@ -80,17 +85,25 @@ def test_quick_run_writes_json_with_every_field(quick_result):
     assert saved["dhm"] > saved["dhm-p0.5"] > saved["baseline"]
     assert set(data["targets"]) == {"dhm_time_over_flop_ratio", "dhm_loss_share",
                                     "dhm-p0.5_sampling_efficiency"}
-    for t in data["targets"].values():
-        assert set(t) >= {"value", "target", "pass"} and isinstance(t["pass"], bool)
+    targets = data["targets"]
+    assert targets["dhm_time_over_flop_ratio"]["value"] == rows["dhm"]["time_over_flop_ratio"]
+    assert targets["dhm_loss_share"]["value"] == rows["dhm"]["loss_share"]["median"]
+    for name, t in targets.items():  # pass is the comparison each target names, whatever the figures
+        value, target = t["value"], t["target"]
+        expected = value <= target if "ratio" in name else value < target if "share" in name else value >= target
+        assert t["pass"] is expected, name
     assert data["memory"]["peak_source"] == "n/a (CPU)"
-    assert data["memory"]["process_rss_growth_bytes"] >= 0
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == 1  # --threads 1 was applied
+    assert env["command"] == "python -m benchmarks.throughput " + " ".join(quick_args(out))
+    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", env["git_commit"])
     assert data["telemetry"]["available"] is False and "not available" in data["telemetry"]["reason"]
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_table_shows_every_variant_and_target(quick_result):
     _, data = quick_result
-    table = throughput.format_table(data)
+    table = report.format_table(data)
     for name in ("baseline", "dsl", "dks", "dhm", "dhm-p0.5", "dhm_loss_share",
                  "GPU telemetry: not available"):
         assert name in table
@@ -122,38 +135,6 @@ def test_quick_run_end_to_end_with_a_real_loader(tmp_path):
     assert data["config"]["num_classes"] == 10
 
 
-def test_optimizer_implementation_override_keeps_the_hyperparameters():
-    model = nn.Linear(3, 2)
-    groups = [{"params": [model.weight], "weight_decay": 1e-4}, {"params": [model.bias], "weight_decay": 0.0}]
-    trainer = torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True, foreach=True)
-    fused = throughput.with_implementation(trainer, "fused")
-    assert fused.defaults["fused"] and throughput.optimizer_kernels(fused) == "fused"
-    assert throughput.optimizer_kernels(trainer) == "foreach"
-    for a, b in zip(trainer.param_groups, fused.param_groups, strict=True):
-        for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov"):
-            assert a[key] == b[key]
-        assert a["params"] == b["params"]
-
-
-def test_fused_override_survives_a_branch_that_joins_late():
-    """torch's fused SGD fails when a parameter's first gradient comes after others' (a DHM branch
-    skipped at step 0); the benchmark's fused optimizer must step exactly like foreach anyway."""
-    torch.manual_seed(0)
-    trunk, branch = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
-    ref = [t.detach().clone().requires_grad_() for t in (trunk, branch)]
-    fused = throughput.with_implementation(torch.optim.SGD([trunk, branch], lr=0.1, momentum=0.9), "fused")
-    foreach = torch.optim.SGD(ref, lr=0.1, momentum=0.9, foreach=True)
-    for step, grads in enumerate([(torch.randn(4), None), (torch.randn(4), torch.randn(4)),
-                                  (torch.randn(4), torch.randn(4))]):
-        for opt, params in ((fused, (trunk, branch)), (foreach, ref)):
-            opt.zero_grad(set_to_none=True)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = None if g is None else g.clone()
-            opt.step()
-        torch.testing.assert_close(trunk, ref[0], msg=f"step {step}")
-        torch.testing.assert_close(branch, ref[1], msg=f"step {step}")
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["--steps", "0"], "--steps must be at least 1"),
@@ -175,12 +156,6 @@ def test_parse_variants():
             throughput.parse_variants(bad)
 
 
-def test_quantiles_against_hand_values():
-    q = throughput.quantiles([4.0, 1.0, 3.0, 2.0, 5.0])
-    assert (q["median"], q["q25"], q["q75"], q["iqr"], q["min"], q["max"], q["n"]) == (3, 2, 4, 2, 1, 5, 5)
-    assert throughput.quantiles([7.0])["iqr"] == 0
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quick_run_on_cuda_bf16_channels_last(tmp_path):
@@ -189,8 +164,46 @@ def test_quick_run_on_cuda_bf16_channels_last(tmp_path):
     data = json.loads((tmp_path / "throughput.json").read_text())
     for row in data["methods"]:
         assert row["peak_memory_bytes"] > 0
-        assert row["telemetry"]["available"] in (True, False)
+    assert data["telemetry"]["available"] is _nvml_usable(), data["telemetry"]
     assert data["memory"]["peak_source"] == "torch.cuda.max_memory_allocated"
+
+
+def _nvml_usable() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:
+        return False
+
+
+# --- shared timing and environment helpers -----------------------------------------------------------
+
+
+def test_quantiles_against_hand_values():
+    q = common.quantiles([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (q["median"], q["q25"], q["q75"], q["iqr"], q["min"], q["max"], q["n"]) == (3, 2, 4, 2, 1, 5, 5)
+    assert common.quantiles([7.0])["iqr"] == 0
+    with pytest.raises(ValueError):
+        common.quantiles([])
+
+
+def test_round_robin_interleaves_and_times_each_call():
+    calls: list[str] = []
+    ticks = iter(range(100))
+    times = common.time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu",
+                                    repeats=3, warmup=1, clock=lambda: float(next(ticks)))
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up first, then interleaved rounds
+    assert times == {"a": [1.0] * 3, "b": [1.0] * 3}  # one tick between a call's two clock reads
+
+
+def test_recorded_command_is_portable():
+    inside = str(common.ROOT / "runs" / "x")
+    assert common.command_line("benchmarks.x", ["--out", inside, "--n", "a b"]) == \
+        "python -m benchmarks.x --out runs/x --n 'a b'"
+    assert common.command_line("benchmarks.x", ["--out", "/elsewhere"]) == "python -m benchmarks.x --out /elsewhere"
 
 
 # --- FLOP counts against independent counts -------------------------------------------------------
@@ -208,9 +221,11 @@ class Tiny(nn.Module):
         return (self.fc(torch.relu(self.conv(x)).mean((2, 3))),)
 
 
-def test_step_flops_of_a_small_net_match_a_hand_count(monkeypatch):
-    # A loss with no matrix products, so the count is the network's alone whatever loss backend runs.
-    monkeypatch.setattr(flops, "dhm_loss", lambda outputs, labels, active=None, **kw: outputs[0].sum())
+# A loss with no matrix products, so a count is the network's alone whatever loss backend runs.
+SUM_LOSS = types.SimpleNamespace(compute=lambda outputs, labels, active=None: (outputs[0].sum(), None))
+
+
+def test_step_flops_of_a_small_net_match_a_hand_count():
     b, h, w = 3, 8, 6
     conv = 2 * 4 * h * w * 3 * 3 * 3  # per image: 2 x out channels x positions x (in channels x 3 x 3)
     fc = 2 * 4 * 5
@@ -219,7 +234,7 @@ def test_step_flops_of_a_small_net_match_a_hand_count(monkeypatch):
     # linear: weight gradient and input gradient (= fc each).
     step = forward + conv + 2 * fc
     images, labels = torch.randn(b, 3, h, w), torch.randint(0, 5, (b,))
-    assert flops.step_flops(Tiny(), images, labels, (True,), {}) == (forward, step)
+    assert flops.step_flops(Tiny(), images, labels, (True,), SUM_LOSS) == (forward, step)
 
 
 def test_torchvision_resnet18_forward_flops_match_the_published_count():
@@ -233,11 +248,10 @@ def test_torchvision_resnet18_forward_flops_match_the_published_count():
     assert n == pytest.approx(3.64e9, rel=0.005)
 
 
-def test_dhm_fast_resnet18_flops_match_torchvision_and_reference(monkeypatch):
+def test_dhm_fast_resnet18_flops_match_torchvision_and_reference():
     import torchvision
 
     # Count the network alone (the reference loss adds a tiny H x H x K matrix product per image).
-    monkeypatch.setattr(flops, "dhm_loss", lambda outputs, labels, active=None, **kw: outputs[0].sum())
 
     with torch.device("meta"):
         tv = torchvision.models.resnet18()
@@ -249,12 +263,12 @@ def test_dhm_fast_resnet18_flops_match_torchvision_and_reference(monkeypatch):
         trunk = create_model("resnet18", 1000, method="baseline")
         dhm = create_model("resnet18", 1000, method="dhm")
         labels = torch.zeros(2, dtype=torch.long)
-    fwd, step = flops.step_flops(trunk, x, labels, (True,), {"method": "baseline"})
+    fwd, step = flops.step_flops(trunk, x, labels, (True,), SUM_LOSS)
     assert fwd == tv_fwd
     # Backward costs two forwards, except conv1's input gradient (the images need none).
     conv1 = 2 * 64 * 112 * 112 * 3 * 7 * 7
     assert step == 3 * fwd - conv1
-    dhm_fwd, _ = flops.step_flops(dhm, x, labels, (True, True, True), {"method": "dhm"})
+    dhm_fwd, _ = flops.step_flops(dhm, x, labels, (True, True, True), SUM_LOSS)
     assert dhm_fwd == pytest.approx(7.84e9, rel=0.002)  # REFERENCE.md section 3
 
 
@@ -339,91 +353,3 @@ def test_cost_from_throughput_json(quick_result, tmp_path):
         cost.from_throughput_json(str(bad), "dhm")
     with pytest.raises(ValueError, match="no variant"):
         cost.from_throughput_json(str(out / "throughput.json"), "nope")
-
-
-# --- telemetry ----------------------------------------------------------------------------------------
-
-
-def _unavailable(tel: telemetry.GpuTelemetry) -> None:
-    assert tel.start() is False
-    assert tel.available is False and tel.reason.startswith("not available")
-    assert tel.summary() == {"available": False, "reason": tel.reason}
-    tel.set_label("x")
-    tel.stop()  # no thread to stop: must not raise
-
-
-def test_telemetry_without_the_nvml_library(monkeypatch):
-    pynvml = pytest.importorskip("pynvml")
-
-    def raise_missing():
-        raise pynvml.NVMLError_LibraryNotFound()
-
-    monkeypatch.setattr(pynvml, "nvmlInit", raise_missing)
-    tel = telemetry.GpuTelemetry()
-    _unavailable(tel)
-    assert "NVMLError" in tel.reason
-
-
-def test_telemetry_when_nvml_init_raises_anything(monkeypatch):
-    pynvml = pytest.importorskip("pynvml")
-    monkeypatch.setattr(pynvml, "nvmlInit", lambda: (_ for _ in ()).throw(RuntimeError("driver gone")))
-    tel = telemetry.GpuTelemetry()
-    _unavailable(tel)
-    assert "driver gone" in tel.reason
-
-
-def test_telemetry_without_pynvml_installed(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
-    with telemetry.GpuTelemetry() as tel:
-        assert tel.available is False and "pynvml" in tel.reason
-
-
-def test_telemetry_on_a_cpu_run_never_touches_nvml(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    tel = telemetry.for_device("cpu")
-    _unavailable(tel)
-    assert "cpu" in tel.reason
-
-
-def fake_nvml(power_fails: bool) -> types.SimpleNamespace:
-    state = {"util": 0}
-
-    def util(handle):
-        state["util"] += 10
-        return types.SimpleNamespace(gpu=state["util"])
-
-    def power(handle):
-        if power_fails:
-            raise RuntimeError("not supported")
-        return 250_000  # milliwatts
-
-    return types.SimpleNamespace(
-        NVML_CLOCK_SM=1, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
-        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
-        nvmlDeviceGetHandleByUUID=lambda u: (_ for _ in ()).throw(RuntimeError("unknown uuid")),
-        nvmlDeviceGetName=lambda h: b"Fake GPU", nvmlDeviceGetUtilizationRates=util,
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**30),
-        nvmlDeviceGetPowerUsage=power, nvmlDeviceGetClockInfo=lambda h, kind: 1980,
-    )
-
-
-@pytest.mark.parametrize("power_fails", [False, True])
-def test_telemetry_sampling_with_a_fake_nvml(monkeypatch, power_fails):
-    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(power_fails))
-    tel = telemetry.GpuTelemetry(0, interval_s=3600, uuid="GPU-x")  # the UUID fails: falls back to index
-    assert tel.start() is True and tel.device_name == "Fake GPU"
-    try:
-        tel.set_label("dhm")
-        tel.samples.append(tel.sample_once())
-        tel.samples.append(tel.sample_once())
-        tel.set_label("baseline")
-        tel.samples.append(tel.sample_once())
-    finally:
-        tel.stop()
-    s = tel.summary("dhm")
-    assert s["available"] is True and s["samples"] == 2
-    assert s["gpu_util_pct"] == {"mean": 15.0, "max": 20.0}
-    assert s["memory_used_mib"] == {"mean": 3072.0, "max": 3072.0}
-    assert s["sm_clock_mhz"]["mean"] == 1980.0
-    assert (s["power_w"] is None) if power_fails else (s["power_w"]["mean"] == 250.0)
-    assert tel.summary()["samples"] == 3 and tel.summary("baseline")["gpu_util_pct"]["max"] == 30.0
