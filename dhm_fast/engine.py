@@ -113,10 +113,11 @@ def train_one_epoch(
         progress.step += 1
         if progress.step % log_every == 0 or progress.step % steps_per_epoch == 0:
             _raise_if_bad(bad_step)
-            if on_log is not None:
+            if on_log is not None:  # img_per_s: this process's rate since the previous record
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 on_log({"step": progress.step, "loss": meter.loss_sum.item() / max(meter.samples, 1),
                         "lr": lr, "img_per_s": rate})
+            t0, seen = time.perf_counter(), 0
         if checkpoint_every and on_checkpoint is not None and progress.step % checkpoint_every == 0:
             _raise_if_bad(bad_step)  # never checkpoint a diverged model
             on_checkpoint()

@@ -178,3 +178,39 @@ def test_no_sync_with_a_grad_scaler_and_accumulation(monkeypatch):
     """fp16's path: the GradScaler's scale, fused-SGD step and update, over two micro-batches a step."""
     events = _checked_steps(monkeypatch, "dhm", 0.5, scaler=torch.amp.GradScaler("cpu"), grad_accum=2)
     assert events == [], f"host-device traffic inside steps: {events}"
+
+
+class ThreeHeads(torch.nn.Module):
+    """A norm-free 3-head model: a batch's gradient is the mean of its samples' (no batch statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.main = torch.nn.Linear(6, 8), torch.nn.Linear(8, 5)
+        self.aux1, self.aux2 = torch.nn.Linear(8, 5), torch.nn.Linear(6, 5)
+
+    def forward(self, x, active=(True, True, True)):
+        h = torch.tanh(self.trunk(x))
+        return self.main(h), self.aux1(h) if active[1] else None, self.aux2(x) if active[2] else None
+
+
+@pytest.mark.parametrize("active", [(True, True, True), (True, False, True)])
+def test_accumulated_micro_batches_step_like_their_union(active):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    cfg = TrainConfig(method="dhm", lr=0.1, momentum=0.9, weight_decay=1e-3, reference_loss=True)
+    params = []
+    for batches in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])]):
+        torch.manual_seed(1)
+        model = ThreeHeads().double()
+        parts = step_parts(cfg, model, build_optimizer(model, cfg, torch.device("cpu")), None,
+                           contextlib.nullcontext, BranchSampler(3))
+        results = engine.train_step(parts, batches, active, alpha=0.7, temperature=2.0)
+        assert [n for _, _, n in results] == [len(b[1]) for b in batches]
+        assert all(not loss.requires_grad for loss, _, _ in results)
+        params.append([p.detach().clone() for p in model.parameters()])
+    for whole, accumulated in zip(*params, strict=True):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(1)
+    initial = ThreeHeads().double().parameters()
+    moved = [not torch.equal(p, p0) for p, p0 in zip(params[0], initial, strict=True)]
+    assert moved == [True] * 4 + [active[1]] * 2 + [active[2]] * 2  # trunk, main, then each branch if active
