@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the optional data backends, NVIDIA DALI and FFCV, into the environment of the pip given as
 # the only argument (e.g. `bash pipelines/install_extras.sh .venv/bin/pip`). Idempotent: what already
-# imports is left alone. About 1 minute on a fresh machine (apt ~20 s, DALI ~15 s, FFCV ~15 s).
+# imports is left alone, except a DALI built for another CUDA major version than torch's, which is
+# replaced. About 1 minute on a fresh machine (apt ~20 s, DALI ~15 s, FFCV ~15 s).
 #
 # FFCV 1.0.2 is built from source and links OpenCV and libjpeg-turbo found through pkg-config, so it
 # needs Debian's pkg-config, libopencv-dev and libturbojpeg0-dev (its opencv-python wheel also loads
@@ -13,17 +14,30 @@ PIP="${1:?usage: install_extras.sh PATH/TO/pip}"
 PY="$(dirname "$PIP")/python"
 [ -x "$PY" ] || PY=python3
 
-DALI_REQ="nvidia-dali-cuda120==2.4.0"
+DALI_VERSION="2.4.0"
 FFCV_REQS=("ffcv==1.0.2" "numba>=0.61")
 APT_PKGS=(pkg-config libopencv-dev libturbojpeg0-dev libgl1 libglib2.0-0)
 
 imports() { "$PY" -c "$1" >/dev/null 2>&1; }
 
-if imports "import nvidia.dali, nvidia.dali.plugin.pytorch"; then
-    echo "DALI: already installed"
+# The DALI build for torch's CUDA major version, so that one CUDA stack is loaded, not two:
+# nvidia-dali-cuda120 beside a CUDA 12 torch, nvidia-dali-cuda130 beside a CUDA 13 (or CPU-only) torch.
+CUDA_MAJOR="$("$PY" -c 'import torch; print((torch.version.cuda or "").split(".")[0])')"
+case "$CUDA_MAJOR" in
+    12) DALI_PKG=nvidia-dali-cuda120; OTHER_DALI=nvidia-dali-cuda130 ;;
+    13 | "") DALI_PKG=nvidia-dali-cuda130; OTHER_DALI=nvidia-dali-cuda120 ;;
+    *) echo "no DALI build for torch's CUDA $CUDA_MAJOR: install nvidia-dali-cuda${CUDA_MAJOR}0 by hand" >&2; exit 1 ;;
+esac
+
+if "$PIP" show "$OTHER_DALI" >/dev/null 2>&1; then
+    echo "DALI: replacing $OTHER_DALI (torch uses CUDA ${CUDA_MAJOR:-none})"
+    "$PIP" uninstall --quiet --yes "$OTHER_DALI"
+fi
+if "$PIP" show "$DALI_PKG" >/dev/null 2>&1 && imports "import nvidia.dali, nvidia.dali.plugin.pytorch"; then
+    echo "DALI: $DALI_PKG already installed"
 else
-    echo "DALI: installing $DALI_REQ"
-    "$PIP" install --quiet "$DALI_REQ"
+    echo "DALI: installing $DALI_PKG==$DALI_VERSION"
+    "$PIP" install --quiet "$DALI_PKG==$DALI_VERSION"
 fi
 
 if imports "import ffcv, ffcv.loader, numba, cv2"; then
