@@ -1,6 +1,6 @@
 """Accuracy on a short schedule: baseline, DSL, DHM as released, and DHM with an alpha warm-up.
 
-The protocol (recipe `fashion-mnist-resnet20-short`, issue 7): CIFAR ResNet-20 with branches
+The protocol (recipe `fashion-mnist-resnet20-short`): CIFAR ResNet-20 with branches
 [[3,2],[3]], the first 10,000 Fashion-MNIST training images, the full 10,000-image test set, 8 epochs,
 SGD lr 0.1 (x0.1 at epochs 4 and 6), momentum 0.9, weight decay 1e-4, batch 128, pad-4 crop + flip,
 bf16 autocast; the score is the main head's test top-1 after the last epoch. Every run is

@@ -19,6 +19,7 @@ trace per variant (open in ui.perfetto.dev).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -87,35 +88,42 @@ def parse_variants(text: str) -> list[Variant]:
 # --- settings -------------------------------------------------------------------------------------
 
 
+def option(default: Any, help: str = "", choices: tuple | None = None) -> Any:
+    """A setting with its command-line help: the flags are generated from BenchConfig's fields."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class BenchConfig:
-    arch: str = "resnet32"
-    image_size: int = 32
-    batch_size: int | None = None  # None: 128 on CUDA, 32 on the CPU
-    num_classes: int | None = None  # None: 1000 for ImageNet archs, 100 otherwise
-    in_channels: int = 3
-    methods: str = DEFAULT_VARIANTS
-    device: str = "auto"
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    loader: str = "synthetic"
-    dataset: str = "imagenet"
-    data_dir: str | None = None
-    num_workers: int = 2
-    warmup: int | None = None  # untimed steps per variant (+1 per branch pattern when sampling); 3
-    steps: int | None = None  # timed steps per block; 5
-    repeats: int | None = None  # blocks per variant, interleaved across variants; 8
-    # --quick: 1 warm-up step, 2 repeats x 2 steps, unless given explicitly
-    loss_iters: int | None = None  # isolated loss timings per block (default: = steps)
-    threads: int | None = None
-    reference_loss: bool = False
-    optimizer_impl: str = "fused"  # SGD kernels: dhm_fast.optim.OPTIMIZER_IMPLS (the trainer uses fused)
-    profile: bool = False
-    profile_steps: int = 3
-    out: str = "bench_out/throughput"
-    seed: int = 0
-    quick: bool = False
+    arch: str = option("resnet32", "network", MODEL_NAMES)
+    image_size: int = option(32)
+    batch_size: int | None = option(None, "per device (default 128 on CUDA, 32 on CPU)")
+    num_classes: int | None = option(None, "default 1000 (ImageNet archs) or 100")
+    in_channels: int = option(3)
+    methods: str = option(DEFAULT_VARIANTS, "variants: baseline, dsl, dks, dhm, dhm-pP (DHM with branch "
+                          "probability P); the baseline is always added")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    precision: str = option("fp32", "autocast dtype (fp16 adds a GradScaler)", tuple(PRECISIONS))
+    channels_last: bool = option(False)
+    compile: bool = option(False, "torch.compile each model (compiled in warm-up)")
+    loader: str = option("synthetic", "synthetic: random batches on the device (model only); any other: that "
+                         "real data backend (end to end)", LOADERS)
+    dataset: str = option("imagenet", "for a real loader")
+    data_dir: str | None = option(None, "for a real loader")
+    num_workers: int = option(2)
+    warmup: int | None = option(None, f"untimed steps per variant, +1 per branch pattern when sampling "
+                                f"({FULL['warmup']})")
+    steps: int | None = option(None, f"timed steps per block ({FULL['steps']})")
+    repeats: int | None = option(None, f"blocks per variant, interleaved across variants ({FULL['repeats']})")
+    loss_iters: int | None = option(None, "isolated loss timings per block (default: --steps)")
+    threads: int | None = option(None, "torch CPU threads")
+    reference_loss: bool = option(False, "use the plain-PyTorch loss, not the fused op")
+    optimizer_impl: str = option("fused", "torch's SGD kernels (the trainer uses fused)", OPTIMIZER_IMPLS)
+    profile: bool = option(False, "write a torch.profiler Chrome trace per variant")
+    profile_steps: int = option(3)
+    out: str = option("bench_out/throughput")
+    seed: int = option(0)
+    quick: bool = option(False, "a smoke test: 1 warm-up step, 2 repeats x 2 steps (explicit flags still win)")
 
     def resolve(self, device: torch.device) -> None:
         defaults = QUICK if self.quick else FULL
@@ -137,15 +145,10 @@ class BenchConfig:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.arch not in MODEL_NAMES:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(MODEL_NAMES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.optimizer_impl not in OPTIMIZER_IMPLS:
-            raise ValueError(f"unknown optimizer implementation {self.optimizer_impl!r}; choose one of "
-                             f"{', '.join(OPTIMIZER_IMPLS)}")
-        if self.loader not in LOADERS:
-            raise ValueError(f"unknown loader {self.loader!r}; choose one of {', '.join(LOADERS)}")
+        for f in dataclasses.fields(self):  # choices, for a config built without the command line
+            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"unknown {f.name} {getattr(self, f.name)!r}; choose one of "
+                                 f"{', '.join(f.metadata['choices'])}")
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -226,6 +229,12 @@ class Bench:
     probe_labels: Tensor | None = None
     nonfinite: str | None = None
 
+    @property
+    def patterns(self) -> list[Pattern]:
+        """The branch patterns this variant can draw."""
+        heads = self.model.num_heads
+        return [(True,) * heads] if self.parts.sampler.always_all else flopcount.patterns(heads)
+
 
 def build_bench(variant: Variant, cfg: BenchConfig, source: BatchSource, device: torch.device, autocast,
                 needs_scaler: bool) -> Bench:
@@ -265,9 +274,8 @@ def warm_up(bench: Bench, source: BatchSource, cfg: BenchConfig, device: torch.d
     """Untimed steps: allocator, cuDNN autotuning, torch.compile, and every branch pattern once."""
     for _ in range(cfg.warmup):
         step_once(bench, source.next(), bench.parts.sampler.active(0, 0))
-    if not bench.parts.sampler.always_all:
-        for pattern in flopcount.patterns(bench.model.num_heads):
-            step_once(bench, source.next(), pattern)
+    for pattern in bench.patterns if len(bench.patterns) > 1 else []:
+        step_once(bench, source.next(), pattern)
     sync(device)
 
 
@@ -283,10 +291,8 @@ def step_once(bench: Bench, batch: tuple[Tensor, Tensor], active: Pattern, mark=
 def make_probes(bench: Bench, source: BatchSource) -> None:
     """Logits of one forward per pattern, kept to time the loss alone on realistic inputs."""
     images, labels = source.next()
-    pats = flopcount.patterns(bench.model.num_heads) if not bench.parts.sampler.always_all else \
-        [(True,) * bench.model.num_heads]
     with torch.no_grad(), bench.parts.autocast():
-        for pat in pats:
+        for pat in bench.patterns:
             outs = bench.model(images, active=pat)
             bench.probes[pat] = [o.detach().clone() if o is not None else None for o in outs]
     bench.probe_labels = labels
@@ -311,10 +317,8 @@ def count_bench(bench: Bench, source: BatchSource, autocast) -> None:
     """FLOPs and saved-activation bytes per image for every pattern this variant can draw."""
     images, labels = source.next()
     images, labels = images[:2], labels[:2]
-    pats = flopcount.patterns(bench.model.num_heads) if not bench.parts.sampler.always_all else \
-        [(True,) * bench.model.num_heads]
     loss = bench.parts.loss
-    for pat in pats:
+    for pat in bench.patterns:
         bench.flops_by_pattern[pat] = flopcount.step_flops(bench.model, images, labels, pat, loss, autocast)
         bench.saved_by_pattern[pat] = saved_activation_bytes(bench.model, images, labels, pat, loss,
                                                              autocast) // images.shape[0]
@@ -471,48 +475,22 @@ def loss_backend(reference: bool, device: torch.device) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default=d.arch, choices=MODEL_NAMES, metavar="ARCH")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--batch-size", type=int, default=None, help="per device (default 128 on CUDA, 32 on CPU)")
-    p.add_argument("--num-classes", type=int, default=None, help="default 1000 (ImageNet archs) or 100")
-    p.add_argument("--in-channels", type=int, default=d.in_channels)
-    p.add_argument("--methods", default=d.methods, help="variants: baseline, dsl, dks, dhm, dhm-pP "
-                   "(DHM with branch probability P)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default=d.precision, choices=tuple(PRECISIONS))
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model (compiled in warm-up)")
-    p.add_argument("--loader", default=d.loader, choices=LOADERS, help="synthetic: random batches on the "
-                   "device (model only); any other: that real data backend (end to end)")
-    p.add_argument("--dataset", default=d.dataset, help="for a real loader")
-    p.add_argument("--data-dir", default=None, help="for a real loader")
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--warmup", type=int, default=None, help=f"untimed steps per variant ({FULL['warmup']})")
-    p.add_argument("--steps", type=int, default=None, help=f"timed steps per block ({FULL['steps']})")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"blocks per variant, interleaved ({FULL['repeats']})")
-    p.add_argument("--loss-iters", type=int, default=None,
-                   help="isolated loss timings per block (default: --steps)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--reference-loss", action="store_true",
-                   help="use the plain-PyTorch loss, not the fused op")
-    p.add_argument("--optimizer-impl", default=d.optimizer_impl, choices=OPTIMIZER_IMPLS,
-                   help="torch's SGD kernels (the trainer uses fused)")
-    p.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace per variant")
-    p.add_argument("--profile-steps", type=int, default=d.profile_steps)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test: 1 warm-up step, 2 repeats x 2 steps (explicit flags still win)")
+    for f in dataclasses.fields(BenchConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            kind = int if f.type.startswith("int") else str
+            p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"],
+                           metavar=f.name.upper() if f.name == "arch" else None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = BenchConfig(**{k: v for k, v in vars(args).items()})
+    cfg = BenchConfig(**vars(args))
     try:
         run(cfg, argv)
     except (ValueError, FileNotFoundError, UserError) as err:
