@@ -7,24 +7,34 @@ student; both are smoothed as (p + eps) / (1 + K * eps) like the authors' releas
 batch mean of the class sum. `w_ij` folds together the pair weights mu_ij, the direction and which
 heads are active this step (see `mimic_weights`).
 
-Two backends compute exactly this with the same signature:
-- the fused native op (kernels/, loaded by `dhm_fast.fused`), the default wherever it is built;
-- `reference_backend` below, plain PyTorch, used when the op is absent or `reference=True`.
+The settings are a frozen `LossConfig`; `LossConfig.compute` is the trainer's call. Two backends
+compute exactly this with the same signature:
+- the fused native op (kernels/, wrapped by `dhm_fast.fused`), wherever it has a kernel;
+- `reference_backend` below, plain PyTorch, used with `reference=True` and as the fallback.
+`select_backend` is the one place that chooses between them, and it says which and why.
 Both return the loss and a flat float32 stats vector [ce (H), kl (H*H, row = teacher), correct (H)].
+A training step costs no host-device synchronisation and no host-to-device copy: the per-pattern
+weight and index tensors are made once per device and cached.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
+from dhm_fast import fused
+
 METHODS = ("baseline", "dsl", "dks", "dhm")
 DIRECTIONS = ("both", "top-down", "bottom-up")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,23 +46,9 @@ class LossStats:
     correct: Tensor  # [H] number of correct top-1 predictions of each head
 
 
-def stats_size(num_heads: int) -> int:
-    return 2 * num_heads + num_heads * num_heads
-
-
-def unpack_stats(stats: Tensor, num_heads: int) -> LossStats:
+def _unpack_stats(stats: Tensor, num_heads: int) -> LossStats:
     h = num_heads
     return LossStats(ce=stats[:h], kl=stats[h : h + h * h].view(h, h), correct=stats[h + h * h :])
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def check_direction(direction: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -64,8 +60,8 @@ def _weights_on_host(
     ce_weights: tuple[float, ...] | None,
     kl_weights: tuple[tuple[float, ...], ...] | None,
 ) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
-    check_method(method)
-    check_direction(direction)
+    _check_choice("method", method, METHODS)
+    _check_choice("direction", direction, DIRECTIONS)
     h = num_heads
     lam = list(ce_weights) if ce_weights is not None else [1.0] * h
     if len(lam) != h:
@@ -91,6 +87,11 @@ def _weights_on_host(
     return tuple(ce_w), tuple(tuple(r) for r in kl_w)
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
 def mimic_weights(
     num_heads: int,
     method: str,
@@ -103,15 +104,17 @@ def mimic_weights(
     act = tuple(bool(a) for a in active) if active is not None else (True,) * num_heads
     if len(act) != num_heads:
         raise ValueError(f"active has {len(act)} entries for {num_heads} heads")
-    ce_w, kl_w = _weights_on_host(
-        num_heads,
-        method,
-        direction,
-        act,
-        tuple(float(x) for x in ce_weights) if ce_weights is not None else None,
-        tuple(tuple(float(x) for x in r) for r in kl_weights) if kl_weights is not None else None,
-    )
+    ce_w, kl_w = _weights_on_host(num_heads, method, direction, act, _float_tuple(ce_weights),
+                                  _matrix_tuple(kl_weights))
     return list(ce_w), [list(r) for r in kl_w]
+
+
+def _float_tuple(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    return tuple(float(x) for x in values) if values is not None else None
+
+
+def _matrix_tuple(rows: Sequence[Sequence[float]] | None) -> tuple[tuple[float, ...], ...] | None:
+    return tuple(tuple(float(x) for x in r) for r in rows) if rows is not None else None
 
 
 def reference_backend(
@@ -137,8 +140,7 @@ def reference_backend(
     zt = z / temperature
     if eps > 0:
         q = torch.softmax(zt, dim=2)
-        log_norm = torch.log1p(torch.tensor(k * eps, dtype=dtype, device=z.device))
-        log_q = torch.log(q + eps) - log_norm
+        log_q = torch.log(q + eps) - math.log1p(k * eps)  # a Python float: no tensor copied in
         p = (q.detach() + eps) / (1.0 + k * eps)
     else:
         log_q = torch.log_softmax(zt, dim=2)
@@ -153,13 +155,140 @@ def reference_backend(
     return loss, stats
 
 
-def _pick_backend(reference: bool):
-    if not reference:
-        from dhm_fast import fused
+# ---------------------------------------------------------------------------- backend choice
+@dataclass(frozen=True)
+class LossBackend:
+    """The backend that computes the loss on a device: its name ("fused" or "reference") and why."""
 
-        if fused.available():
-            return fused.fused_loss
-    return reference_backend
+    name: str
+    reason: str
+    run: Callable[..., tuple[Tensor, Tensor]] = field(repr=False, compare=False)
+
+
+_BACKENDS: dict[tuple[str, int | None, bool], LossBackend] = {}
+_warned: set[str] = set()
+
+
+def select_backend(device: torch.device | str, *, reference: bool = False) -> LossBackend:
+    """The loss backend for `device`: the fused op where it has a kernel for the device, else the
+    plain-PyTorch reference (with one warning saying why); the reference when `reference` is True."""
+    device = torch.device(device)
+    key = (device.type, device.index, bool(reference))
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        backend = _BACKENDS[key] = _choose_backend(device, reference)
+    return backend
+
+
+def _choose_backend(device: torch.device, reference: bool) -> LossBackend:
+    if reference:
+        return LossBackend("reference", "the plain-PyTorch loss was asked for (reference=True)", reference_backend)
+    if kernels.has_kernel(fused.OP_NAME, device):
+        return LossBackend("fused", f"the native op has a kernel for {device}", fused.fused_loss)
+    why = _why_no_kernel(device)
+    if why not in _warned and not torch.compiler.is_compiling():
+        _warned.add(why)
+        _LOG.warning("%s; the loss uses the slower plain-PyTorch reference", why)
+    return LossBackend("reference", why, reference_backend)
+
+
+def _why_no_kernel(device: torch.device) -> str:
+    error = kernels.load_error()
+    if error is not None:
+        return (f"the native library is not built ({error}); rebuild it with "
+                f"`pip install --no-build-isolation -e .`")
+    if device.type != "cuda":
+        return f"the fused op has no kernel for {device.type} devices"
+    if not kernels.built_cuda_targets():
+        return f"the native library was built without CUDA, so the fused op cannot run on {device}"
+    major, minor = kernels.device_capability(device)
+    return (f"the fused op has no code for {device} (compute capability {major}.{minor}); the library holds "
+            f"{', '.join(kernels.built_cuda_targets())}: rebuild it on this machine")
+
+
+# ---------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss settings of a run: validated once, hashable, and the trainer's way to compute it."""
+
+    method: str = "dhm"
+    direction: str = "both"
+    eps: float = 1e-8
+    label_smoothing: float = 0.0
+    ce_weights: tuple[float, ...] | None = None  # lambda_h per head (None: all 1)
+    kl_weights: tuple[tuple[float, ...], ...] | None = None  # mu_ij, teacher row (None: all 1)
+    reference: bool = False  # force the plain-PyTorch backend
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("direction", self.direction, DIRECTIONS)
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be finite and >= 0, got {self.eps}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        # Sequences become tuples: the config stays immutable and hashable (a cache key).
+        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+        object.__setattr__(self, "ce_weights", _float_tuple(self.ce_weights))
+        object.__setattr__(self, "kl_weights", _matrix_tuple(self.kl_weights))
+        object.__setattr__(self, "reference", bool(self.reference))
+
+    def backend(self, device: torch.device | str) -> LossBackend:
+        """Which backend `compute` uses on `device`, and why."""
+        return select_backend(device, reference=self.reference)
+
+    def compute(
+        self,
+        logits: Sequence[Tensor | None],
+        target: Tensor,
+        *,
+        active: Sequence[bool] | None = None,
+        alpha: float = 1.0,
+        temperature: float = 1.0,
+    ) -> tuple[Tensor, LossStats]:
+        """The loss over the heads' logits, ordered (main, aux1, aux2, ...), and its stats over all H.
+
+        A head whose logits are None (a branch skipped this step) or whose `active` entry is False
+        adds no CE and no KL term, and gets zeros in the stats.
+        """
+        h = len(logits)
+        if h == 0:
+            raise ValueError("the loss needs at least one head's logits")
+        if active is not None and len(active) != h:
+            raise ValueError(f"active has {len(active)} entries for {h} heads")
+        act = tuple(x is not None and (active is None or bool(active[i])) for i, x in enumerate(logits))
+        if not act[0]:
+            raise ValueError("the main head (index 0) must be active")
+        device = logits[0].device
+        ce_t, kl_t, scatter = _step_constants(self, act, device)
+        backend = select_backend(device, reference=self.reference)
+        loss, compact = backend.run(
+            [x for x, a in zip(logits, act, strict=True) if a], target, ce_t, kl_t, float(temperature),
+            float(alpha), self.eps, self.label_smoothing,
+        )
+        if scatter is None:
+            return loss, _unpack_stats(compact, h)
+        full = compact.new_zeros(2 * h + h * h).index_copy_(0, scatter, compact)
+        return loss, _unpack_stats(full, h)
+
+
+@functools.lru_cache(maxsize=512)
+def _step_constants(
+    config: LossConfig, active: tuple[bool, ...], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The active heads' CE weights and KL weight matrix, and where their stats go among all H heads'
+    (None when every head is active), as tensors on `device`. Made once per pattern and device."""
+    h = len(active)
+    ce_w, kl_w = _weights_on_host(h, config.method, config.direction, active, config.ce_weights,
+                                  config.kl_weights)
+    idx = [i for i in range(h) if active[i]]
+    ce_t = torch.tensor([ce_w[i] for i in idx], dtype=torch.float32, device=device)
+    kl_t = torch.tensor([[kl_w[i][j] for j in idx] for i in idx], dtype=torch.float32, device=device)
+    if len(idx) == h:
+        return ce_t, kl_t, None
+    # Compact stats [ce (n), kl (n*n), correct (n)] -> positions in the full [ce (H), kl (H*H), correct (H)].
+    where = idx + [h + i * h + j for i in idx for j in idx] + [h + h * h + i for i in idx]
+    return ce_t, kl_t, torch.tensor(where, dtype=torch.long, device=device)
 
 
 def dhm_loss(
@@ -178,58 +307,13 @@ def dhm_loss(
     reference: bool = False,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, LossStats]:
-    """The training objective of `method` over the heads' logits, ordered (main, aux1, aux2, ...).
+    """`LossConfig(...).compute(...)` in one call, for scripts and tests.
 
-    A head whose logits are None (a branch skipped this step) or whose `active` entry is False adds
-    no CE and no KL term. `ce_weights` are the per-head lambda_h, `kl_weights` the H x H mu_ij
-    (teacher row, student column). `reference=True` forces the plain-PyTorch backend.
-    With `return_stats`, also returns a `LossStats` laid out over all H heads.
+    `ce_weights` are the per-head lambda_h, `kl_weights` the H x H mu_ij (teacher row, student
+    column). `reference=True` forces the plain-PyTorch backend. With `return_stats`, also returns a
+    `LossStats` laid out over all H heads.
     """
-    h = len(logits)
-    if h == 0:
-        raise ValueError("dhm_loss needs at least one head's logits")
-    if active is not None and len(active) != h:
-        raise ValueError(f"active has {len(active)} entries for {h} heads")
-    present = [x is not None for x in logits]
-    act = [p and (active is None or bool(active[i])) for i, p in enumerate(present)]
-    if not act[0]:
-        raise ValueError("the main head (index 0) must be active")
-    ce_w, kl_w = mimic_weights(h, method, direction, act, ce_weights, kl_weights)
-
-    # Only the active heads go to the backend; their weights are sliced to match.
-    idx = [i for i in range(h) if act[i]]
-    device = logits[0].device
-    kl_active = tuple(tuple(kl_w[i][j] for j in idx) for i in idx)
-    ce_t, kl_t = _weight_tensors(tuple(ce_w[i] for i in idx), kl_active, device)
-    backend = _pick_backend(reference)
-    loss, compact = backend(
-        [logits[i] for i in idx], target, ce_t, kl_t, float(temperature), float(alpha), float(eps),
-        float(label_smoothing),
-    )
-    if not return_stats:
-        return loss
-    return loss, _expand_stats(compact, idx, h)
-
-
-@functools.lru_cache(maxsize=256)
-def _weight_tensors(
-    ce_w: tuple[float, ...], kl_w: tuple[tuple[float, ...], ...], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    # Cached per active pattern and device: no host-to-device copy per step.
-    return (
-        torch.tensor(ce_w, dtype=torch.float32, device=device),
-        torch.tensor(kl_w, dtype=torch.float32, device=device),
-    )
-
-
-def _expand_stats(compact: Tensor, idx: list[int], num_heads: int) -> LossStats:
-    n = len(idx)
-    part = unpack_stats(compact, n)
-    if n == num_heads:
-        return part
-    where = torch.tensor(idx, device=compact.device)
-    ce = compact.new_zeros(num_heads).index_copy(0, where, part.ce)
-    correct = compact.new_zeros(num_heads).index_copy(0, where, part.correct)
-    kl = compact.new_zeros(num_heads, num_heads)
-    kl[where.unsqueeze(1), where.unsqueeze(0)] = part.kl
-    return LossStats(ce=ce, kl=kl, correct=correct)
+    config = LossConfig(method=method, direction=direction, eps=eps, label_smoothing=label_smoothing,
+                        ce_weights=ce_weights, kl_weights=kl_weights, reference=reference)
+    loss, stats = config.compute(logits, target, active=active, alpha=alpha, temperature=temperature)
+    return (loss, stats) if return_stats else loss

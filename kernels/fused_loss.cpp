@@ -1,6 +1,6 @@
 // The op's schema (namespace dhm_fast), argument checks shared by both devices, the autograd
-// formula, and the Python module stub whose import registers everything. Kernels:
-// fused_loss_cpu.cpp, fused_loss_cuda*.cu. The fake (meta) implementation is in dhm_fast/fused.py.
+// formula, and the Python module `kernels._C` whose import registers everything. Kernels:
+// fused_loss_cpu.cpp, fused_loss_cuda*.cu. The fake (meta) implementation is in kernels/__init__.py.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -86,8 +86,10 @@ bool is_eager_tensor(const at::Tensor& t) {
          !keys.has(c10::DispatchKey::FuncTorchGradWrapper);
 }
 
-// The gradient w.r.t. every head's logits is computed by the forward kernel and saved; backward
-// only scales it by grad_output (skipped for the exact 1 that loss.backward() sends on the CPU).
+// The gradient w.r.t. every head's logits is computed by the forward kernel and saved (float16
+// logits: in float32, see saved_grad_type); backward only scales it by grad_output (skipped for the
+// exact 1 that loss.backward() sends on the CPU) and casts it to the logits' dtype. Scaling before
+// the cast keeps a GradScaler's loss scale from meeting float16's subnormal range.
 class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList logits, const at::Tensor& target,
@@ -98,6 +100,7 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
                                                     temperature, alpha, eps, label_smoothing,
                                                     compute_grad);
     ctx->saved_data["compute_grad"] = compute_grad;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(logits[0].scalar_type());
     ctx->save_for_backward(grads);
     ctx->set_materialize_grads(false);  // no zero-filled [B, K] tensors for the other outputs
     variable_list out{loss, stats};
@@ -117,7 +120,11 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     const bool eager = is_eager_tensor(grad_loss);
     const bool unit = eager && grad_loss.is_cpu() && !grad_loss.requires_grad() &&
                       grad_loss.item<double>() == 1.0;
-    for (int64_t h = 0; h < heads; ++h) result[h] = unit ? grads[h] : grads[h].mul(grad_loss);
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    for (int64_t h = 0; h < heads; ++h) {
+      at::Tensor g = unit ? grads[h] : grads[h].mul(grad_loss);
+      result[h] = g.scalar_type() == dtype ? g : g.to(dtype);
+    }
     if (eager && at::GradMode::is_enabled()) {
       // create_graph=True: the saved gradients are constants here, so a second derivative through
       // them would be silently wrong. Any use of one fails loudly instead.
@@ -145,8 +152,8 @@ LossOutputs fused_loss_autograd(const std::vector<at::Tensor>& logits, const at:
 }  // namespace dhm
 
 TORCH_LIBRARY(dhm_fast, m) {
-  // The fake (meta) kernel and the autograd formula live in this Python module.
-  m.set_python_module("dhm_fast.fused");
+  // The fake (meta) kernels live in this Python module.
+  m.set_python_module("kernels");
   m.def(
       "fused_loss(Tensor[] logits, Tensor target, Tensor ce_weights, Tensor kl_weights, "
       "float temperature, float alpha, float eps, float label_smoothing, bool compute_grad) "
@@ -160,9 +167,33 @@ TORCH_LIBRARY(dhm_fast, m) {
 
 TORCH_LIBRARY_IMPL(dhm_fast, Autograd, m) { m.impl("fused_loss", &dhm::fused_loss_autograd); }
 
-// `import dhm_fast._C` runs the static registrations above; the module itself is empty.
+// What the build put in: setup.py passes the CUDA targets (cubins sm_XY, PTX compute_XY) as
+// -DDHM_CUDA_TARGETS=sm_75,sm_80,...; -fopenmp defines _OPENMP.
+#define DHM_STRINGIFY_(...) #__VA_ARGS__
+#define DHM_STRINGIFY(...) DHM_STRINGIFY_(__VA_ARGS__)
+#ifdef DHM_CUDA_TARGETS
+static const char* const kCudaTargets = DHM_STRINGIFY(DHM_CUDA_TARGETS);
+#else
+static const char* const kCudaTargets = "";
+#endif
+#ifdef _OPENMP
+static const bool kOpenmp = true;
+#else
+static const bool kOpenmp = false;
+#endif
+
+static PyObject* build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:O}", "cuda_targets", kCudaTargets, "openmp", kOpenmp ? Py_True : Py_False);
+}
+
+static PyMethodDef kMethods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "{'cuda_targets': 'sm_80,...,compute_90' (empty without CUDA), 'openmp': bool}"},
+    {nullptr, nullptr, 0, nullptr}};
+
+// `import kernels._C` runs the static registrations above.
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                   "Native kernels of the fused mimicking loss", -1, nullptr};
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "kernels._C",
+                                   "Native kernels of the fused mimicking loss and the loaders", -1, kMethods};
   return PyModule_Create(&module_def);
 }

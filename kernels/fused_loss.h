@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "dhm_row.h"
@@ -12,6 +13,12 @@ namespace dhm {
 
 // (loss, stats, per-head gradients of the loss w.r.t. the logits, empty when not asked for)
 using LossOutputs = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+// The dtype of the gradient the forward kernels compute and autograd saves: float32 for float16
+// logits (float16's range is too small for a gradient before GradScaler's loss scale applies, and
+// the cast after scaling is in backward), the logits' dtype otherwise.
+template <typename scalar_t>
+using SavedGrad = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, float, scalar_t>;
 
 // Shapes of a validated call.
 struct CallShape {

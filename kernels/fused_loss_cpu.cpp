@@ -302,6 +302,7 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
                                 const at::Tensor& ce_weights, const at::Tensor& kl_weights,
                                 const CallShape& shape, double temperature, double alpha, double eps,
                                 double label_smoothing, bool compute_grad) {
+  using grad_t = SavedGrad<scalar_t>;
   const int heads = shape.heads;
   const int64_t B = shape.batch, K = shape.classes;
   const int P = stats_size(heads);
@@ -324,11 +325,11 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
     stride_col[h] = logits[h].stride(1);
   }
   std::vector<at::Tensor> grads;
-  std::vector<scalar_t*> gx(heads, nullptr);
+  std::vector<grad_t*> gx(heads, nullptr);
+  const auto grad_options = logits[0].options().dtype(c10::CppTypeToScalarType<grad_t>::value);
   for (int h = 0; h < heads; ++h) {
-    grads.push_back(compute_grad ? at::empty({B, K}, logits[h].options())
-                                 : at::empty({0}, logits[h].options()));
-    if (compute_grad) gx[h] = grads.back().data_ptr<scalar_t>();
+    grads.push_back(compute_grad ? at::empty({B, K}, grad_options) : at::empty({0}, grad_options));
+    if (compute_grad) gx[h] = grads.back().data_ptr<grad_t>();
   }
 
   // Rows are read in place when they are float32/64 with unit stride and the remainder loops are
@@ -379,10 +380,10 @@ LossOutputs fused_loss_cpu_impl(const std::vector<at::Tensor>& logits, const at:
                    partial.data() + b * P, work.get());
       if (compute_grad && !direct) {
         for (int h = 0; h < heads; ++h) {
-          scalar_t* dst = gx[h] + b * K;
+          grad_t* dst = gx[h] + b * K;
           const acc_t* src = out_buf + h * kpad;
 #pragma omp simd
-          for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+          for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<grad_t>(src[k]);
         }
       }
     }

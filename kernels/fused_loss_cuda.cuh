@@ -3,7 +3,8 @@
 // files, so nvcc compiles them in parallel).
 // One warp per row when K is small, one block per row otherwise. A row is read from global memory
 // once: pass 1 (online max/sum/argmax per head) stages it in shared memory as fp32 when it fits,
-// and passes 2 (KL terms, W_j) and 3 (gradients, written once in the logits' dtype) read it from
+// and passes 2 (KL terms, W_j) and 3 (gradients, written once in the logits' dtype, float32 for
+// float16 logits: see SavedGrad) read it from
 // there. Per-row stats go to a [B, P] buffer that a second kernel reduces in a fixed order (no
 // atomics), so results are bitwise reproducible. The per-element math is dhm_row.h, shared with
 // the CPU kernel.
@@ -31,7 +32,7 @@ struct HeadArgs {
   const scalar_t* x[kMaxHeads];
   int64_t stride_row[kMaxHeads];
   int64_t stride_col[kMaxHeads];
-  scalar_t* g[kMaxHeads];  // contiguous [B, K] gradients (unused without compute_grad)
+  SavedGrad<scalar_t>* g[kMaxHeads];  // contiguous [B, K] gradients (unused without compute_grad)
 };
 
 template <typename acc_t>
@@ -300,7 +301,7 @@ __global__ void __launch_bounds__(ROW_THREADS >= 128 ? ROW_THREADS : 128)
         const acc_t rho_p = smooth ? student_ratio<true>(q[j], c) * mix : mix;
         acc_t g = grad_elem<acc_t>(ce_scale[j], s[j], q[j], w_sum[j], rho_p, c);
         if (k == y) g += target_grad_fix<acc_t>(ce_scale[j], c);
-        a.g[j][row * K + k] = static_cast<scalar_t>(g);
+        a.g[j][row * K + k] = static_cast<SavedGrad<scalar_t>>(g);
       }
     }
   }
@@ -388,15 +389,16 @@ LossOutputs fused_loss_cuda_impl(const std::vector<at::Tensor>& logits, const at
   const RowConsts<acc_t> c = make_consts<acc_t>(shape, temperature, alpha, eps, label_smoothing);
   const at::Tensor ce_w = ce_weights.contiguous(), kl_w = kl_weights.contiguous();
   const at::Tensor tgt = target.contiguous();
+  using grad_t = SavedGrad<scalar_t>;
   HeadArgs<scalar_t> a{};
   std::vector<at::Tensor> grads;
+  const auto grad_options = logits[0].options().dtype(c10::CppTypeToScalarType<grad_t>::value);
   for (int h = 0; h < H; ++h) {
     a.x[h] = logits[h].data_ptr<scalar_t>();
     a.stride_row[h] = logits[h].stride(0);
     a.stride_col[h] = logits[h].stride(1);
-    grads.push_back(compute_grad ? at::empty({B, K}, logits[h].options())
-                                 : at::empty({0}, logits[h].options()));
-    a.g[h] = compute_grad ? grads.back().data_ptr<scalar_t>() : nullptr;
+    grads.push_back(compute_grad ? at::empty({B, K}, grad_options) : at::empty({0}, grad_options));
+    a.g[h] = compute_grad ? grads.back().data_ptr<grad_t>() : nullptr;
   }
   const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
   const auto opts = logits[0].options();

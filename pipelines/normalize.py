@@ -2,7 +2,7 @@
 
 Backends hand over uint8 batches (4x less to copy than float) and this runs on the training device,
 on the whole batch at once. On the CPU the native op `dhm_fast::crop_normalize`
-(kernels/crop_normalize_cpu.cpp, built with the fused loss) does it in one pass from any input
+(kernels/crop_normalize_cpu.cpp, in the native library `kernels`) does it in one pass from any input
 layout, through a [C, 256] table of the 256 possible results per channel; elsewhere, or without the
 extension, torch's multiply-add. Both give bitwise-equal batches.
 """
@@ -12,17 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import kernels
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def native_crop_normalize():
-    """`torch.ops.dhm_fast.crop_normalize` when dhm_fast._C was built with it, else None."""
-    try:
-        from dhm_fast import _C  # noqa: F401  (registers the op)
-    except (ImportError, OSError):
-        return None
-    return getattr(torch.ops.dhm_fast, "crop_normalize", None)
+    """`torch.ops.dhm_fast.crop_normalize` when the native library holds its CPU kernel, else None."""
+    return kernels.op("crop_normalize") if kernels.has_kernel("crop_normalize", "cpu") else None
 
 
 def pixel_table(scale: Tensor, shift: Tensor) -> Tensor:

@@ -1,5 +1,8 @@
 """The fused mimicking-loss op (kernels/, dhm_fast/fused.py) against an independent float64 reference.
 
+The CPU kernel splits rows over threads: the float64-reference and determinism tests run at 1, 2 and
+4 threads (the `threads` fixture), so a race between threads fails them.
+
 The reference below is written from ../shared/REFERENCE.md (a loop over heads and ordered pairs,
 autograd for the gradients) and shares no code with dhm_fast.losses or the kernels.
 """
@@ -18,13 +21,17 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kernels
 from dhm_fast import fused, losses
 
-needs_ext = pytest.mark.skipif(not fused.available(), reason="dhm_fast._C is not built")
+needs_ext = pytest.mark.skipif(not kernels.has_kernel("fused_loss", "cpu"), reason="kernels._C is not built")
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fused.has_kernel("cuda")), reason="needs a GPU and the CUDA kernel"
+    not (torch.cuda.is_available() and kernels.has_kernel("fused_loss", "cuda")),
+    reason="needs a GPU and the CUDA kernel",
 )
-PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# function_scoped_fixture: `threads` only sets the thread count, which every example may share.
+PROPERTY = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DIRECTIONS = ("both", "top-down", "bottom-up")
 
@@ -154,12 +161,38 @@ def run_case(case, device="cpu"):
 
 
 # ---------------------------------------------------------------------------- properties (CPU)
+@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"{n}threads")
+def threads(request):
+    """Runs the test with torch (and so the kernel's at::parallel_for) at 1, 2 and 4 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @needs_ext
 @PROPERTY
 @given(case=op_cases())
-def test_op_matches_float64_reference(case):
+def test_op_matches_float64_reference(threads, case):
     out, ref = run_case(case)
     assert_matches(*out, ref, case["dtype"])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+@pytest.mark.parametrize("h,b,k", [(3, 64, 1000), (4, 96, 100), (2, 33, 5000)])
+def test_rows_split_over_threads_match_float64_reference(threads, dtype, h, b, k):
+    # Batches big enough (>= ~64k logits per task) that at::parallel_for gives each thread rows.
+    case = dict(h=h, b=b, k=k, dtype=dtype, temperature=2.0, eps=1e-8, smoothing=0.1, alpha=0.9, scale=3.0,
+                layout="contiguous", seed=h * b * k)
+    out, ref = run_case(case)
+    assert_matches(*out, ref, dtype)
+
+
+@needs_ext
+def test_built_with_openmp():
+    # Without OpenMP, at::parallel_for is a serial loop and the threads above never run.
+    assert kernels.built_with_openmp()
 
 
 def expected_weights(h, method, direction, active):
@@ -193,7 +226,7 @@ def expected_weights(h, method, direction, active):
 def test_dhm_loss_uses_fused_and_matches_with_random_masks(
     h, method, direction, mask, skipped_as_none, dtype, temperature, eps, k, seed
 ):
-    assert losses._pick_backend(False) is fused.fused_loss
+    assert losses.select_backend("cpu").name == "fused"
     gen = torch.Generator().manual_seed(seed)
     active = [True] + mask[: h - 1]
     b = 6
@@ -423,21 +456,18 @@ def test_torch_compile_fullgraph_on_cpu():
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bitwise_deterministic_across_calls_and_thread_counts(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [300, 1000])
+def test_bitwise_deterministic_across_calls_and_thread_counts(threads, dtype, k):
     gen = torch.Generator().manual_seed(4)
-    logits = make_logits(gen, 4, 64, 300, dtype, 3.0)
-    target = torch.randint(0, 300, (64,), generator=gen)
+    logits = make_logits(gen, 4, 64, k, dtype, 3.0)
+    target = torch.randint(0, k, (64,), generator=gen)
     ce_w, kl_w = random_weights(gen, 4)
     args = (target, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
-    threads = torch.get_num_threads()
-    try:
-        first = call_fused(logits, *args)
-        second = call_fused(logits, *args)
-        torch.set_num_threads(1)
-        single = call_fused(logits, *args)
-    finally:
-        torch.set_num_threads(threads)
+    first = call_fused(logits, *args)
+    second = call_fused(logits, *args)
+    torch.set_num_threads(1)  # the fixture restores the count
+    single = call_fused(logits, *args)
     for other in (second, single):
         assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
         assert all(torch.equal(a, b) for a, b in zip(first[2], other[2], strict=True))
@@ -462,6 +492,35 @@ def test_backward_scales_by_grad_output_and_survives_retain_graph():
         loss.backward(retain_graph=True)
     for x, u in zip(z, unit, strict=True):
         torch.testing.assert_close(x.grad, 3 * u)
+
+
+@needs_ext
+@pytest.mark.parametrize("loss_scale", [65536.0, 2.0**20])
+def test_float16_gradient_under_a_loss_scale_keeps_float16_precision(loss_scale):
+    # GradScaler multiplies the loss by a large scale so that small gradient entries survive float16.
+    # A gradient stored in float16 before the scale applies has already lost them: entries below
+    # 2^-14 are subnormal (few bits) or zero. After the scale they must match float64 to float16
+    # precision. The CPU runs the same float16 path as the GPU (float32 math, float16 in and out).
+    gen = torch.Generator().manual_seed(21)
+    h, b, k = 3, 32, 1000
+    logits = make_logits(gen, h, b, k, torch.float16, 4.0)
+    target = torch.randint(0, k, (b,), generator=gen)
+    ce_w, kl_w = random_weights(gen, h, sparse=False)
+    args = (ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
+    leaves = [x.detach().requires_grad_() for x in logits]
+    loss, _ = fused.fused_loss(leaves, target, *args)
+    (loss * loss_scale).backward()
+    _, _, ref_grads = reference64(logits, target, *args)
+    checked = 0
+    for x, ref in zip(leaves, ref_grads, strict=True):
+        assert x.grad.dtype == torch.float16
+        want = ref * loss_scale
+        tiny = (ref.abs() < 2.0**-14) & (want.abs() < 60000)  # subnormal or zero unscaled; finite scaled
+        checked += int(tiny.sum())
+        got = x.grad.double()[tiny]
+        # float16 rounding (2^-11 relative) plus float32 math, relative to each entry
+        torch.testing.assert_close(got, want[tiny], rtol=2.0**-10, atol=loss_scale * 2.0**-36)
+    assert checked > 1000  # the inputs do produce many such entries
 
 
 @needs_ext
@@ -501,39 +560,77 @@ def test_bad_arguments_raise_value_error(change, message):
         fused.fused_loss(**args)
 
 
-# ---------------------------------------------------------------------------- fallback without _C
-def test_fallback_to_reference_when_extension_missing(monkeypatch, caplog):
-    monkeypatch.setitem(fused._state, "error", "ImportError: simulated")
-    monkeypatch.setitem(fused._state, "warned", False)
-    assert losses._pick_backend(False) is losses.reference_backend
+# ---------------------------------------------------------------------------- fallback without a kernel
+@pytest.fixture
+def fresh_backends(monkeypatch):
+    """An empty backend cache and warning record, so that a test sees the decision being made."""
+    monkeypatch.setattr(losses, "_BACKENDS", {})
+    monkeypatch.setattr(losses, "_warned", set())
+
+
+def test_fallback_to_reference_when_extension_missing(monkeypatch, caplog, fresh_backends):
+    monkeypatch.setattr(kernels, "load_error", lambda: "ImportError: simulated")
+    monkeypatch.setattr(kernels, "has_kernel", lambda op, device: False)
+    backend = losses.select_backend("cpu")
+    assert backend.name == "reference" and "not built (ImportError: simulated)" in backend.reason
     gen = torch.Generator().manual_seed(8)
     logits = make_logits(gen, 3, 4, 12, torch.float32, 2.0)
     target = torch.randint(0, 12, (4,), generator=gen)
-    with caplog.at_level(logging.WARNING, logger="dhm_fast.fused"):
+    with caplog.at_level(logging.WARNING, logger="dhm_fast.losses"):
         a = losses.dhm_loss(logits, target)
-        kl_w = torch.ones(3, 3).fill_diagonal_(0)
-        b = fused.fused_loss(logits, target, torch.ones(3), kl_w, 1.0, 1.0, 1e-8, 0.0)
-    warnings = [r for r in caplog.records if r.name == "dhm_fast.fused"]
+        b = losses.dhm_loss(logits, target)
+    warnings = [r for r in caplog.records if r.name == "dhm_fast.losses"]
     assert len(warnings) == 1 and "not built" in warnings[0].getMessage()
     ref = losses.dhm_loss(logits, target, reference=True)
-    assert torch.equal(a, ref) and torch.equal(b[0], ref)
+    assert torch.equal(a, ref) and torch.equal(b, ref)
+
+
+def test_gpu_without_code_for_its_architecture_falls_back_with_one_warning(monkeypatch, caplog, fresh_backends):
+    # A library built for sm_80 and sm_90 (cubins only) on a compute capability 12.0 GPU: the op would
+    # fail with "no kernel image is available"; the loss must use the reference and say why, once.
+    monkeypatch.setattr(kernels, "load_error", lambda: None)
+    monkeypatch.setattr(kernels, "_REGISTERED", frozenset({("fused_loss", "cpu"), ("fused_loss", "cuda")}))
+    monkeypatch.setattr(kernels, "_BUILD", {"cuda_targets": "sm_80,sm_90", "openmp": True})
+    monkeypatch.setattr(kernels, "_kernel_cache", {})
+    monkeypatch.setattr(kernels, "device_capability", lambda device: (12, 0))
+    with caplog.at_level(logging.WARNING, logger="dhm_fast.losses"):
+        for _ in range(3):
+            backend = losses.LossConfig().backend("cuda:1")
+    assert backend.name == "reference" and backend.run is losses.reference_backend
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dhm_fast.losses"]
+    assert len(warnings) == 1
+    assert "cuda:1" in warnings[0] and "compute capability 12.0" in warnings[0] and "sm_90" in warnings[0]
+    # The same library on a compute capability 8.6 GPU runs its sm_80 cubin.
+    monkeypatch.setattr(kernels, "device_capability", lambda device: (8, 6))
+    assert losses.select_backend("cuda:2").name == "fused"
+
+
+def test_backend_is_reported_and_forced_reference_is_honoured():
+    config = losses.LossConfig(reference=True)
+    assert config.backend("cpu").name == "reference" and "reference=True" in config.backend("cpu").reason
+    expected = "fused" if kernels.has_kernel("fused_loss", "cpu") else "reference"
+    assert losses.LossConfig().backend(torch.device("cpu")).name == expected
 
 
 def test_package_imports_and_falls_back_without_the_built_module():
-    # A fresh interpreter in which `dhm_fast._C` cannot be imported (as after a failed build).
+    # A fresh interpreter in which `kernels._C` cannot be imported (as after a failed build).
     code = textwrap.dedent(
         """
         import logging, sys
-        sys.modules["dhm_fast._C"] = None  # makes `from dhm_fast import _C` raise ImportError
+        sys.modules["kernels._C"] = None  # makes `from kernels import _C` raise ImportError
         logging.basicConfig(level=logging.WARNING)
         import torch
-        from dhm_fast import fused, losses
+        import kernels
+        from dhm_fast import losses
+        from pipelines.normalize import native_crop_normalize
         z = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
         y = torch.tensor([0, 1, 2, 5])
         for _ in range(3):
             loss = losses.dhm_loss(z, y)
         loss.backward()
-        assert not fused.available() and z[2].grad is not None
+        assert kernels.load_error() is not None and kernels.op("fused_loss") is None
+        assert losses.select_backend("cpu").name == "reference" and native_crop_normalize() is None
+        assert z[2].grad is not None
         print("ok")
         """
     )
@@ -541,7 +638,7 @@ def test_package_imports_and_falls_back_without_the_built_module():
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
-    assert proc.stderr.count("dhm_fast._C is not built") == 1
+    assert proc.stderr.count("native library is not built") == 1
 
 
 # ---------------------------------------------------------------------------- CUDA

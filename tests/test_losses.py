@@ -7,14 +7,17 @@ own tests against its own reference in test_fused.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dhm_fast.losses import DIRECTIONS, METHODS, dhm_loss, mimic_weights
+import kernels
+from dhm_fast.losses import DIRECTIONS, METHODS, LossConfig, dhm_loss, mimic_weights
 
 
 def expected_loss(logits, target, method, temperature=1.0, alpha=1.0, direction="both", eps=1e-8,
@@ -188,3 +191,95 @@ def test_bad_arguments_are_named(kwargs, message):
     logits, target = random_heads()
     with pytest.raises(ValueError, match=message):
         dhm_loss(logits, target, reference=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------- configuration
+def test_loss_config_is_frozen_hashable_and_validated():
+    config = LossConfig(method="dks", direction="top-down", ce_weights=[1.0, 0.5], kl_weights=[[0, 1], [1, 0]])
+    assert config.ce_weights == (1.0, 0.5) and config.kl_weights == ((0.0, 1.0), (1.0, 0.0))
+    assert hash(config) == hash(LossConfig(method="dks", direction="top-down", ce_weights=(1, 0.5),
+                                           kl_weights=((0, 1), (1, 0))))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.method = "dhm"
+    for bad, message in [({"method": "dhmx"}, "unknown method 'dhmx'"),
+                         ({"direction": "up"}, "unknown direction 'up'"),
+                         ({"eps": -1e-8}, "eps must be"),
+                         ({"eps": math.nan}, "eps must be"),
+                         ({"label_smoothing": 1.5}, "label_smoothing must be")]:
+        with pytest.raises(ValueError, match=message):
+            LossConfig(**bad)
+
+
+def test_compute_equals_dhm_loss_and_the_formula():
+    logits, target = random_heads(h=3, b=9, k=12, seed=3)
+    config = LossConfig(method="dhm", direction="bottom-up", eps=1e-3, label_smoothing=0.1,
+                        ce_weights=(1.0, 0.4, 0.4), reference=True)
+    loss, stats = config.compute(logits, target, active=[True, False, True], alpha=0.6, temperature=2.0)
+    same, same_stats = dhm_loss(logits, target, method="dhm", direction="bottom-up", eps=1e-3,
+                                label_smoothing=0.1, ce_weights=[1.0, 0.4, 0.4], active=[True, False, True],
+                                alpha=0.6, temperature=2.0, reference=True, return_stats=True)
+    assert torch.equal(loss, same) and torch.equal(stats.kl, same_stats.kl)
+    want = expected_loss(logits, target, "dhm", 2.0, 0.6, "bottom-up", 1e-3, 0.1, [True, False, True],
+                         [1.0, 0.4, 0.4])
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-7)  # the weights are float32 (0.4 to ~1e-8)
+
+
+# ---------------------------------------------------------------------------- no host-device sync
+class HostTraffic(TorchDispatchMode):
+    """Counts what would stall a GPU step: scalar reads (`.item()`, `bool(t)`, ...) and tensors made
+    from host data (`torch.tensor(...)`) or copied from the CPU to another device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.events.append("scalar read")
+        elif func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+            self.events.append("tensor from host data")
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device", src.device)
+            if src.device.type == "cpu" and torch.device(dst).type != "cpu":
+                self.events.append("host-to-device copy")
+        return func(*args, **kwargs)
+
+
+BACKENDS = [True] + ([False] if kernels.has_kernel("fused_loss", "cpu") else [])
+
+
+@pytest.mark.parametrize("reference", BACKENDS, ids=lambda r: "reference" if r else "fused")
+@pytest.mark.parametrize("pattern", ["all", "masked", "skipped"])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_repeated_steps_make_no_host_device_sync(reference, pattern, eps):
+    logits, target = random_heads(h=3, b=8, k=10, dtype=torch.float32, seed=5)
+    leaves = [x.requires_grad_() for x in logits]
+    given = [leaves[0], leaves[1], None] if pattern == "skipped" else leaves
+    active = [True, False, True] if pattern == "masked" else None
+    config = LossConfig(eps=eps, label_smoothing=0.1, ce_weights=(1.0, 0.3, 0.3), reference=reference)
+
+    def step():
+        loss, stats = config.compute(given, target, active=active, alpha=0.5, temperature=2.0)
+        loss.backward()
+        return stats
+
+    step()  # warm-up: the per-pattern weight and index tensors are made here, once
+    with HostTraffic() as traffic:
+        for _ in range(3):
+            stats = step()
+    assert traffic.events == []
+    assert config.backend("cpu").name == ("reference" if reference else "fused")
+    if pattern != "all":  # the stats still land on the right heads
+        off, on = (2, 1) if pattern == "skipped" else (1, 2)
+        assert stats.ce[off] == 0 and stats.kl[0, off] == 0 and stats.ce[on] > 0 and stats.kl[0, on] > 0
+
+
+def test_the_counter_sees_a_sync():
+    # The check above is only worth something if the counter catches what it looks for.
+    x = torch.randn(3)
+    with HostTraffic() as traffic:
+        x.sum().item()
+        torch.log1p(torch.tensor(3.0))
+    assert traffic.events == ["scalar read", "tensor from host data"]

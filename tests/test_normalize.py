@@ -6,7 +6,7 @@ import torch
 from pipelines.normalize import Normalizer, native_crop_normalize
 
 NATIVE = native_crop_normalize()
-needs_native = pytest.mark.skipif(NATIVE is None, reason="dhm_fast._C was built without crop_normalize")
+needs_native = pytest.mark.skipif(NATIVE is None, reason="the native library (kernels._C) is not built")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
