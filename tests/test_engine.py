@@ -136,20 +136,20 @@ LOG_EVERY = 4
 
 
 def _checked_steps(monkeypatch, method: str, branch_prob: float, reference: bool = False,
-                   scaler: torch.amp.GradScaler | None = None, grad_accum: int = 1) -> list:
+                   scaler: torch.amp.GradScaler | None = None, grad_accum: int = 1, device: str = "cpu") -> list:
     """Two log intervals of training; the events of the second one's steps."""
     torch.manual_seed(0)
-    device = torch.device("cpu")
+    device = torch.device(device)
     cfg = TrainConfig(arch="resnet20", method=method, branch_prob=branch_prob, lr=0.05, momentum=0.9,
                       reference_loss=reference)
-    model = create_model(cfg.arch, 10, method=method, in_channels=1)
+    model = create_model(cfg.arch, 10, method=method, in_channels=1).to(device)
     optimizer = build_optimizer(model, cfg, device)
     sampler = BranchSampler(model.num_heads, branch_prob, "step", seed=3)
     parts = step_parts(cfg, model, optimizer, scaler, contextlib.nullcontext, sampler)
     meter = TrainMeter(model.num_heads, device)
     steps = 2 * LOG_EVERY
-    images = torch.randn(steps * grad_accum, 4, 1, 8, 8)
-    labels = torch.randint(0, 10, (steps * grad_accum, 4))
+    images = torch.randn(steps * grad_accum, 4, 1, 8, 8, device=device)
+    labels = torch.randint(0, 10, (steps * grad_accum, 4), device=device)
     roots = [*model.parameters(), *model.buffers(), images, labels, *vars(meter).values()]
     roots += [t for s in optimizer.state.values() for t in s.values()]
     logged: list[int] = []
@@ -171,6 +171,16 @@ def _checked_steps(monkeypatch, method: str, branch_prob: float, reference: bool
 @pytest.mark.parametrize("reference", [False, True], ids=["default-backend", "reference-loss"])
 def test_no_host_device_sync_inside_a_training_step(monkeypatch, method, branch_prob, reference):
     events = _checked_steps(monkeypatch, method, branch_prob, reference)
+    assert events == [], f"{method}, branch_prob {branch_prob}: host-device traffic inside steps: {events}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("branch_prob", [0.5, 1.0])
+@pytest.mark.parametrize("method", ["baseline", "dsl", "dhm"])
+def test_no_host_device_sync_inside_a_training_step_on_cuda(monkeypatch, method, branch_prob):
+    """The same on a GPU, where a copy between host and device is seen as the copy it is."""
+    events = _checked_steps(monkeypatch, method, branch_prob, device="cuda")
     assert events == [], f"{method}, branch_prob {branch_prob}: host-device traffic inside steps: {events}"
 
 
