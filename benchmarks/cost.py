@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.throughput_report import SCHEMA
 from dhm_fast.errors import UserError
 
 # Training-set sizes (images per epoch).
@@ -157,7 +158,7 @@ def from_throughput_json(path: str, variant: str) -> tuple[float, dict[str, Any]
     if not p.is_file():
         raise FileNotFoundError(f"throughput JSON {path} does not exist")
     data = json.loads(p.read_text())
-    if data.get("schema") != "dhm_fast.throughput/1":
+    if data.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a benchmarks.throughput result (schema {data.get('schema')!r})")
     rows = {r["name"]: r for r in data["methods"]}
     if variant not in rows:
