@@ -114,7 +114,7 @@ class TrainConfig:
     # machinery
     device: str = setting("auto", "cpu, cuda, cuda:N or auto", 4, recipe=False)
     amp: str = setting("auto", "autocast: bf16 (CPU or GPU), fp16 (GPU, with a GradScaler), none, or auto: bf16 "
-                       "on GPUs that support it (else fp16), on the CPU bf16 only with AMX (see "
+                       "on GPUs that support it (else fp16), on the CPU bf16 only with native bf16 (see "
                        "dhm_fast/precision.py)", 4, choices=AMP_CHOICES)
     channels_last: bool | None = setting(None, "channels-last memory format (default: on for CUDA, off on the "
                                          "CPU)", 4)

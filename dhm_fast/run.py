@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dhm_fast import checkpoint, distributed, precision
 from dhm_fast.config import TrainConfig
-from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, evaluate, train_one_epoch
+from dhm_fast.engine import NonFiniteLoss, Progress, evaluate, step_parts, train_one_epoch
 from dhm_fast.errors import UserError
 from dhm_fast.global_batch import micro_batch
 from dhm_fast.logbook import Logbook
@@ -31,7 +31,6 @@ from dhm_fast.metrics import TrainMeter
 from dhm_fast.models import create_model
 from dhm_fast.optim import build_optimizer
 from dhm_fast.sampling import BranchSampler
-from dhm_fast.schedules import LRSchedule, Ramp, ramp_epochs
 from pipelines import LoaderConfig, create_loaders
 
 CHECKPOINT_FORMAT = "dhm_fast/1"
@@ -131,18 +130,9 @@ class Run:
             raise UserError(f"--batch-size {cfg.batch_size} (global) exceeds the training samples: "
                             f"{self.train_loader.num_samples} per process, {self.micro_batch} per "
                             f"micro-batch x {cfg.grad_accum} per step; no full step per epoch")
-        self.parts = StepParts(
-            model=self.net, optimizer=self.optimizer, scaler=self.scaler, autocast=self.autocast,
-            lr=LRSchedule(cfg.lr, cfg.lr_schedule, tuple(cfg.milestones), cfg.gamma, cfg.warmup_epochs,
-                          cfg.epochs),
-            alpha=Ramp(cfg.alpha, cfg.alpha_ramp, ramp_epochs(cfg.alpha_ramp_epochs, cfg.epochs)),
-            temperature=Ramp(cfg.temperature, cfg.temperature_ramp,
-                             ramp_epochs(cfg.temperature_ramp_epochs, cfg.epochs), cfg.temperature_start),
-            sampler=sampler,
-            loss_kwargs=dict(method=cfg.method, direction=cfg.direction, eps=cfg.eps,
-                             ce_weights=(1.0,) + (cfg.aux_weight,) * (self.num_heads - 1),
-                             label_smoothing=cfg.label_smoothing, reference=cfg.reference_loss),
-        )
+        self.parts = step_parts(cfg, self.net, self.optimizer, self.scaler, self.autocast, sampler)
+        backend = self.parts.loss.backend(self.device)
+        log(f"loss: the {backend.name} backend ({backend.reason})")
         self.progress = Progress()
         self.meter = TrainMeter(self.num_heads, self.device)
         self.interval_base: dict | None = None  # the reduced meter at the last training record
@@ -266,9 +256,8 @@ class Run:
             ) from None
         return self.finish()
 
-    def schedules_at(self, step: int) -> dict:
-        """lr, alpha and temperature that optimizer step number `step` (1-based) trained with."""
-        position = self.progress.epoch + (step - 1 - self.progress.epoch * self.steps_per_epoch) / self.steps_per_epoch
+    def schedules_at(self, position: float) -> dict:
+        """lr, alpha and temperature at a point of training, in epochs."""
         return {"lr": self.parts.lr.lr(position), "alpha": self.parts.alpha.at(position),
                 "temperature": self.parts.temperature.at(position)}
 
@@ -279,7 +268,8 @@ class Run:
         self.interval_base = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in now.items()}
         step = info["step"]
         record = {"kind": "interval", "epoch": self.progress.epoch, "step": step,
-                  "epoch_progress": step / self.steps_per_epoch, **self.schedules_at(step), "train": train,
+                  "epoch_progress": step / self.steps_per_epoch,
+                  **self.schedules_at((step - 1) / self.steps_per_epoch), "train": train,  # the last step's
                   "img_per_s": info["img_per_s"] * self.world.world_size}
         self.progress.history.append(record)
         if self.world.is_main:
@@ -317,7 +307,8 @@ class Run:
         meter = distributed.reduce_train_meter(self.meter)  # over every process
         _check_finite(meter, p.step)
         record = {
-            "kind": "epoch", "epoch": p.epoch, "step": p.step, **self.schedules_at(p.step),
+            # the schedules where the epoch ends (just before a milestone at its end takes effect)
+            "kind": "epoch", "epoch": p.epoch, "step": p.step, **self.schedules_at(p.epoch + 1 - 1e-9),
             "train": meter.summary(self.head_names), "val": val,
             "train_seconds": train_time, "train_img_per_s": meter.samples / max(train_time, 1e-9),
             "batch": self.batch_info(),

@@ -7,7 +7,6 @@ thread each (the CI machine has 2 cores).
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import signal
 import socket
@@ -20,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dhm_fast import checkpoint, distributed
-from dhm_fast.global_batch import micro_batch, scale_lr
+from dhm_fast import checkpoint, distributed, logbook
 from dhm_fast.cli import main
 from dhm_fast.config import build_config
 from dhm_fast.errors import UserError
+from dhm_fast.global_batch import micro_batch, scale_lr
 from dhm_fast.sampling import BranchSampler
 from pipelines.small_datasets import FASHION_FILES, _read_idx
 
@@ -77,7 +76,7 @@ def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return logbook.read_log(out)  # the per-epoch records
 
 
 # --- a real 2-process run -----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ uninterrupted run sees, and ends with the same weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import dhm_fast.engine
 import pipelines.memory
-from dhm_fast import checkpoint
+from dhm_fast import checkpoint, logbook
 from dhm_fast.cli import main
+from dhm_fast.losses import LossConfig
 from dhm_fast.schedules import LRSchedule, Ramp, parse_milestones, ramp_epochs
 from pipelines.small_datasets import ArraySplit
 
@@ -167,11 +166,11 @@ def schedule_trace(monkeypatch):
     """Record the alpha and temperature of every loss call; evaluate on 64 test images only (the
     schedule is under test here, not the accuracy)."""
     trace: list[tuple[float, float]] = []
-    real_loss = dhm_fast.engine.dhm_loss
+    real_loss = LossConfig.compute
 
-    def recording_loss(*args, alpha, temperature, **kwargs):
+    def recording_loss(self, *args, alpha, temperature, **kwargs):
         trace.append((alpha, temperature))
-        return real_loss(*args, alpha=alpha, temperature=temperature, **kwargs)
+        return real_loss(self, *args, alpha=alpha, temperature=temperature, **kwargs)
 
     real_data = pipelines.memory.load_small_dataset
 
@@ -179,7 +178,7 @@ def schedule_trace(monkeypatch):
         data = real_data(*args, **kwargs)
         return dataclasses.replace(data, test=ArraySplit(data.test.images[:64], data.test.labels[:64]))
 
-    monkeypatch.setattr(dhm_fast.engine, "dhm_loss", recording_loss)
+    monkeypatch.setattr(LossConfig, "compute", recording_loss)
     monkeypatch.setattr(pipelines.memory, "load_small_dataset", small_test_set)
     return trace
 
@@ -214,7 +213,7 @@ def test_resume_mid_warm_up_continues_the_schedule_exactly(tmp_path, capsys, sch
         assert temperature == pytest.approx(expected_temperature(step), abs=1e-12), step
 
     # the per-epoch log records the schedule at the end of each epoch, identically in both runs
-    logs = [[json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()] for out in (whole, parts)]
+    logs = [logbook.read_log(out) for out in (whole, parts)]
     assert [r["alpha"] for r in logs[0]] == [r["alpha"] for r in logs[1]]
     assert [r["alpha"] for r in logs[0]] == pytest.approx([0.8 / 1.5, 0.8])
     assert [r["temperature"] for r in logs[0]] == pytest.approx([expected_temperature(8), 1.0])

@@ -1,0 +1,134 @@
+"""What the GPU path does that can be proven on the CPU: the device chosen and set before any loader
+exists, precision and layout defaults, and a resume whose host-side state never lands on the GPU.
+
+torch.cuda is replaced by a stand-in that records calls, so the order of events is visible here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import dhm_fast.run
+from dhm_fast import checkpoint, distributed, precision
+from dhm_fast.config import build_config
+from dhm_fast.errors import UserError
+
+
+class FakeCuda:
+    """Just enough of torch.cuda for device selection; every call lands in `events`."""
+
+    def __init__(self, monkeypatch, count: int, bf16: bool = True) -> None:
+        self.events: list[str] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: self.events.append(f"set_device {torch.device(d)}"))
+
+
+class LoadersReached(Exception):
+    pass
+
+
+def run_until_loaders(monkeypatch, fake: FakeCuda, args: dict) -> None:
+    """Build a Run up to its first loader; the stand-in loader factory records when it was called."""
+    def create_loaders(config):
+        fake.events.append(f"create_loaders on {config.device}")
+        raise LoadersReached
+
+    monkeypatch.setattr(dhm_fast.run, "create_loaders", create_loaders)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: fake.events.append("init_pg"))
+    monkeypatch.setattr(distributed, "_attempt_store", lambda timeout: None)
+    with pytest.raises(LoadersReached):
+        dhm_fast.run.Run(build_config(None, {"out": "/tmp/unused-dhm-gpu-path", **args}))
+
+
+@pytest.mark.parametrize("env, device, count, expected", [
+    ({}, "cuda:1", 2, "cuda:1"),  # one process on the second GPU
+    ({}, "cuda", 2, "cuda:0"),
+    ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3"}, "cuda", 4, "cuda:3"),  # torchrun
+    ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "5"}, "auto", 1, "cuda:0"),  # one GPU per task (SLURM)
+])
+def test_each_process_sets_its_gpu_before_any_loader_exists(monkeypatch, env, device, count, expected):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    fake = FakeCuda(monkeypatch, count)
+    run_until_loaders(monkeypatch, fake, {"device": device})
+    assert fake.events[0] == f"set_device {expected}", fake.events
+    assert fake.events[-1] == f"create_loaders on {expected}"
+
+
+def test_a_gpu_index_beyond_the_visible_ones_is_one_line(monkeypatch):
+    FakeCuda(monkeypatch, 2)
+    with pytest.raises(UserError, match="--device cuda:2: only 2 GPU"):
+        distributed.process_device("cuda:2", distributed.World())
+
+
+@pytest.mark.parametrize("bf16, deterministic, expected", [
+    (True, False, ("bf16", True, True)),
+    (False, False, ("fp16", True, True)),  # pre-Ampere: fp16 with a GradScaler
+    (True, True, ("bf16", True, False)),  # --deterministic keeps TF32 off
+])
+def test_cuda_defaults_are_amp_channels_last_and_tf32(monkeypatch, bf16, deterministic, expected):
+    FakeCuda(monkeypatch, 1, bf16=bf16)
+    speed = precision.choose("auto", None, torch.device("cuda", 0), deterministic)
+    assert (speed.amp, speed.channels_last, speed.tf32) == expected
+    assert speed.needs_scaler == (expected[0] == "fp16")
+    assert any(note.startswith(f"--amp auto -> {expected[0]}") for note in speed.notes)
+
+
+@pytest.mark.parametrize("native_bf16, amp", [(True, "bf16"), (False, "none")])
+def test_cpu_defaults_follow_what_the_cpu_computes_natively(monkeypatch, native_bf16, amp):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
+    speed = precision.choose("auto", None, torch.device("cpu"), False)
+    assert (speed.amp, speed.channels_last, speed.tf32) == (amp, False, False)
+
+
+def test_explicit_settings_are_kept_and_fp16_on_the_cpu_is_refused():
+    speed = precision.choose("bf16", True, torch.device("cpu"), False)
+    assert (speed.amp, speed.channels_last, speed.notes) == ("bf16", True, [])
+    with pytest.raises(UserError, match="--amp fp16 needs a CUDA device"):
+        precision.choose("fp16", None, torch.device("cpu"), False)
+
+
+def test_the_cuda_defaults_reach_the_run_and_its_log(monkeypatch, capsys):
+    fake = FakeCuda(monkeypatch, 1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    captured = {}
+
+    def create_loaders(config):
+        captured["channels_last"] = config.channels_last
+        raise LoadersReached
+
+    monkeypatch.setattr(dhm_fast.run, "create_loaders", create_loaders)
+    with pytest.raises(LoadersReached):
+        dhm_fast.run.Run(build_config("imagenet-resnet50", {"out": "/tmp/unused-dhm-gpu-path"}))
+    assert captured["channels_last"] is True and fake.events == ["set_device cuda:0"]
+    out = capsys.readouterr().out
+    assert "--amp auto -> bf16" in out and "TF32 matmuls/convolutions on" in out
+
+
+def test_resume_restores_host_state_from_cpu_tensors_whatever_the_device(tmp_path, monkeypatch):
+    """A checkpoint mapped onto the training device would hand torch.set_rng_state a device tensor
+    (TypeError on a GPU). The meta device stands in for the GPU: nothing host-side may land there."""
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    cfg = build_config(None, {"out": str(tmp_path / "run"), "train_subset": 64, "max_steps": 1,
+                              "batch_size": 32, "device": "cpu", "log_every_steps": 1})
+    run = dhm_fast.run.Run(cfg)
+    run.train()
+    torch.manual_seed(1234)
+    expected = torch.get_rng_state()
+    saved = checkpoint.load(tmp_path / "run" / checkpoint.LAST)
+    resumed = dhm_fast.run.Run(cfg)
+    resumed.device = torch.device("meta")  # what map_location would have been on a GPU
+    resumed.resume(tmp_path / "run" / checkpoint.LAST)
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+    assert not torch.equal(torch.get_rng_state(), expected)
+    assert resumed.progress.step == 1
