@@ -42,7 +42,7 @@ def targets_of(gencode_flags: Sequence[str]) -> list[str]:
     """The cubin and PTX targets a list of nvcc -gencode flags builds, e.g. ["sm_80", "compute_90"]."""
     found: set[str] = set()
     for flag in gencode_flags:
-        match = re.search(r"code=\[?([\w,]+)\]?", flag)
+        match = re.search(r"[,\s]code=\[?([\w,]+)\]?", flag)
         if match is None:
             raise ValueError(f"cannot read the targets of nvcc flag {flag!r}")
         for code in match.group(1).split(","):
