@@ -8,6 +8,7 @@ Precedence: declared defaults < recipe (dhm_fast/recipes/<name>.toml) < command-
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 import typing
@@ -245,6 +246,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--milestones {cfg.milestones} lie beyond the {cfg.epochs} epochs of training")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a file, not a folder")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def _check_value(value: Any, meta: dict) -> str | None:

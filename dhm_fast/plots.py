@@ -12,11 +12,18 @@ from matplotlib.figure import Figure
 
 
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
+    """curves.png of a run's log records (nothing when there is no record yet)."""
+    fig = draw_curves(records, title)
+    if fig is not None:
+        fig.savefig(path, dpi=90)
+
+
+def draw_curves(records: list[dict], title: str = "") -> Figure | None:
     """Four panels over (fractional) epochs: train CE and val top-1 per head, pairwise KL, lr and alpha."""
     steps = [r for r in records if r.get("kind") == "interval"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     if not steps and not epochs:
-        return
+        return None
     x = [r["epoch_progress"] for r in steps]
     heads = list((epochs[-1]["val"] if epochs else steps[-1]["train"])["heads"])
     fig = Figure(figsize=(11, 7.5))
@@ -56,7 +63,7 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
     ax_alpha.legend(loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
 
 
 def _get(heads: dict, name: str, key: str) -> float:

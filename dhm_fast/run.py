@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dhm_fast import checkpoint, distributed, precision
+from dhm_fast import checkpoint, distributed, precision, telemetry
 from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, evaluate, step_parts, train_one_epoch
 from dhm_fast.errors import UserError
@@ -136,6 +136,8 @@ class Run:
         self.progress = Progress()
         self.meter = TrainMeter(self.num_heads, self.device)
         self.interval_base: dict | None = None  # the reduced meter at the last training record
+        self.telemetry = telemetry.for_device(self.device, interval_s=1.0)  # NVML; inert without a GPU
+        self.telemetry.start()
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -270,7 +272,11 @@ class Run:
         record = {"kind": "interval", "epoch": self.progress.epoch, "step": step,
                   "epoch_progress": step / self.steps_per_epoch,
                   **self.schedules_at((step - 1) / self.steps_per_epoch), "train": train,  # the last step's
-                  "img_per_s": info["img_per_s"] * self.world.world_size}
+                  "img_per_s": info["img_per_s"] * self.world.world_size,
+                  "img_per_s_per_process": info["img_per_s"]}
+        gpus = distributed.gather_objects(self.telemetry.take())  # utilisation, memory, power, clocks
+        if any(gpus):
+            record["gpus"] = gpus
         self.progress.history.append(record)
         if self.world.is_main:
             self.logbook.append(record)
@@ -346,6 +352,7 @@ class Run:
                         (("last", checkpoint.LAST), ("best", checkpoint.BEST), ("log", "log.jsonl"),
                          ("curves", "curves.png"))},
         }
+        self.telemetry.stop()
         if self.world.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.logbook.close()

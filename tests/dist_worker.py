@@ -27,6 +27,7 @@ torch.set_num_threads(1)  # two processes share two cores
 
 from dhm_fast import distributed  # noqa: E402
 from dhm_fast.engine import Progress, StepParts, train_one_epoch  # noqa: E402
+from dhm_fast.losses import LossConfig  # noqa: E402
 from dhm_fast.metrics import TrainMeter  # noqa: E402
 from dhm_fast.sampling import BranchSampler  # noqa: E402
 from dhm_fast.schedules import LRSchedule, Ramp  # noqa: E402
@@ -128,7 +129,7 @@ def run_accum(out: Path, grad_accum: int) -> int:
     parts = StepParts(
         model=net, optimizer=optimizer, scaler=None, autocast=contextlib.nullcontext,
         lr=LRSchedule(0.1, "constant"), alpha=Ramp(1.0), temperature=Ramp(2.0), sampler=sampler,
-        loss_kwargs=dict(method="dhm", direction="both", eps=1e-8, label_smoothing=0.0, reference=True),
+        loss=LossConfig(method="dhm", direction="both", eps=1e-8, label_smoothing=0.0, reference=True),
     )
     meter = TrainMeter(3, device)
     train_one_epoch(parts, batches, Progress(), meter, steps_per_epoch=STEPS, log_every=10**6,
