@@ -2,14 +2,18 @@
 
 Variants, timed side by side in one process (medians of repeats; shared machines are noisy, so read
 the ratios):
-  fused        the native op (dhm_fast.fused, kernels/)
+  fused        the trainer's loss call (`LossConfig.compute`) on the native op's backend
   pair_loop    the authors' released formulation: a Python loop over the H(H-1) ordered pairs, each
                with its own softmaxes, eps smoothing, log-ratio, and autograd
-  vectorised   the best plain-PyTorch version here: all heads stacked, one softmax, the H x H KL
-               matrix as one matrix product; eager, and under torch.compile (vectorised_compiled)
+  reference    the trainer's loss call on the plain-PyTorch backend (`LossConfig(reference=True)`:
+               all heads stacked, one softmax, the H x H KL matrix as one matrix product); eager, and
+               that backend under torch.compile (reference_compiled)
   floor        the one-pass proxy: a single torch.softmax forward over the same [H*B, K] logits
   autograd     the fixed cost every forward + backward pays: the cheapest loss through autograd (the
                sum of every head's logits), forward and .backward(); not a DHM formulation
+
+On the CPU it also measures thread scaling: the fused op and the softmax at 1 and 2 threads, and
+each one's 2-thread speed-up (t1 / t2); the softmax's is what a well-parallelised pass achieves.
 
     python -m benchmarks.bench_loss [--quick] [--device cpu|cuda] [--out bench_out]
 
@@ -21,10 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dhm_fast import fused
+from benchmarks import common
+from dhm_fast.losses import LossConfig, select_backend
 
 SHAPES = ((3, 256, 1000), (3, 128, 100), (4, 512, 1000), (3, 64, 21843))  # (H, B, K)
 TEMPERATURE, ALPHA, EPS = 1.0, 1.0, 1e-8
-VARIANTS = ("fused", "pair_loop", "vectorised", "vectorised_compiled", "floor", "autograd")
+VARIANTS = ("fused", "pair_loop", "reference", "reference_compiled", "floor", "autograd")
+SCALING_THREADS = (1, 2)
 
 
 # ---------------------------------------------------------------------------- the formulations
@@ -55,58 +57,32 @@ def pair_loop_loss(logits, target, temperature=TEMPERATURE, alpha=ALPHA, eps=EPS
     return loss
 
 
-def vectorised_loss(logits, target, temperature=TEMPERATURE, alpha=ALPHA, eps=EPS):
-    """All heads at once: [H, B, K] softmaxes and the KL matrix as entropy minus a matrix product."""
-    z = torch.stack(logits).float()
-    h, b, k = z.shape
-    ce = F.cross_entropy(z.reshape(h * b, k), target.repeat(h), reduction="sum") / b
-    q = torch.softmax(z / temperature, dim=2)
-    log_q = torch.log(q + eps) - math.log1p(k * eps)
-    p = ((q + eps) / (1 + k * eps)).detach()
-    p_flat, log_q_flat = p.reshape(h, -1), log_q.reshape(h, -1)
-    neg_entropy = (p_flat * log_q_flat.detach()).sum(dim=1)
-    cross = p_flat @ log_q_flat.t()  # [teacher, student]
-    kl = (neg_entropy.unsqueeze(1) - cross) / b
-    off_diagonal = 1.0 - torch.eye(h, device=z.device)
-    return ce + alpha * temperature**2 * (off_diagonal * kl).sum()
-
-
 def sum_loss(logits, target):  # noqa: ARG001 - the loss signature
     """The cheapest loss autograd can run: what a forward + backward costs before any real work."""
     return sum(z.sum() for z in logits)
 
 
-def fused_call(logits, target, ce_w, kl_w, temperature=TEMPERATURE, alpha=ALPHA, eps=EPS):
-    """The op as dhm_loss calls it (weight tensors built once, as dhm_loss caches them)."""
-    return fused.fused_loss(logits, target, ce_w, kl_w, temperature, alpha, eps, 0.0)[0]
+def config_loss(config: LossConfig):
+    """The trainer's call (`LossConfig.compute`) as a (logits, target) -> loss function."""
+    def loss(logits, target):
+        return config.compute(logits, target, alpha=ALPHA, temperature=TEMPERATURE)[0]
+
+    return loss
+
+
+def compiled_reference(h: int, device: torch.device):
+    """The reference backend under torch.compile, with the weights `compute` would pass it."""
+    backend = torch.compile(select_backend(device, reference=True).run, dynamic=False)
+    ce_w = torch.ones(h, device=device)
+    kl_w = (1.0 - torch.eye(h, device=device)).contiguous()
+
+    def loss(logits, target):
+        return backend(logits, target, ce_w, kl_w, TEMPERATURE, ALPHA, EPS, 0.0)[0]
+
+    return loss
 
 
 # ---------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_round_robin(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                     warmup: int, clock: Callable[[], float] = time.perf_counter
-                     ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and minimum seconds of each fn, timed in interleaved rounds so that every variant sees
-    the same background load (the machines are shared)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            _sync(device)
-            times[name].append(clock() - start)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
-    return medians, {name: min(ts) for name, ts in times.items()}
-
-
 def forward_backward(loss_fn, leaves, target) -> Callable[[], None]:
     def step() -> None:
         for x in leaves:
@@ -126,31 +102,45 @@ def device_bandwidth(device: torch.device) -> float | None:
     return None
 
 
-def run_shape(h, b, k, device, dtype, repeats, warmup, compile_vectorised, clock) -> dict:
+def make_inputs(h, b, k, device, dtype):
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(b, k, generator=gen).mul_(3.0).to(device=device, dtype=dtype) for _ in range(h)]
     target = torch.randint(0, k, (b,), generator=gen).to(device)
-    leaves = [x.clone().requires_grad_() for x in base]
+    return base, target
+
+
+def softmax_pass(base) -> Callable[[], None]:
+    """The floor: one softmax forward over all heads' logits, [H*B, K]."""
+    h, (b, k) = len(base), base[0].shape
     stacked = torch.stack(base).reshape(h * b, k).contiguous()
-    row = {"H": h, "B": b, "K": k, "seconds": {}}
-    has_fused = fused.available() and fused.has_kernel(device.type)
-    ce_w = torch.ones(h, device=device)
-    kl_w = (1.0 - torch.eye(h, device=device)).contiguous()
-    losses_by_name = {
-        "fused": (lambda z, y: fused_call(z, y, ce_w, kl_w)) if has_fused else None,
-        "pair_loop": pair_loop_loss,
-        "vectorised": vectorised_loss,
-        "vectorised_compiled": torch.compile(vectorised_loss, dynamic=False) if compile_vectorised else None,
-    }
-    fns = {name: forward_backward(fn, leaves, target) for name, fn in losses_by_name.items() if fn}
 
     def floor() -> None:
         with torch.no_grad():
             torch.softmax(stacked, dim=1)
 
-    fns["floor"] = floor
+    return floor
+
+
+def median_and_min(times: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    stats = {name: common.quantiles(ts) for name, ts in times.items()}
+    return {n: q["median"] for n, q in stats.items()}, {n: q["min"] for n, q in stats.items()}
+
+
+def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference, clock) -> dict:
+    base, target = make_inputs(h, b, k, device, dtype)
+    leaves = [x.clone().requires_grad_() for x in base]
+    row = {"H": h, "B": b, "K": k, "seconds": {}}
+    losses_by_name = {
+        "fused": config_loss(LossConfig(eps=EPS)) if select_backend(device).name == "fused" else None,
+        "pair_loop": pair_loop_loss,
+        "reference": config_loss(LossConfig(eps=EPS, reference=True)),
+        "reference_compiled": compiled_reference(h, device) if compile_reference else None,
+    }
+    fns = {name: forward_backward(fn, leaves, target) for name, fn in losses_by_name.items() if fn}
+    fns["floor"] = softmax_pass(base)
     fns["autograd"] = forward_backward(sum_loss, leaves, target)
-    row["seconds"], row["min_seconds"] = time_round_robin(fns, device, repeats, warmup, clock)
+    times = common.time_round_robin(fns, device, repeats, warmup, clock)
+    row["seconds"], row["min_seconds"] = median_and_min(times)
     if device.type == "cuda" and "fused" in row["seconds"]:
         # Forward reads the logits and writes the saved gradient; backward reads it and writes the scaled one.
         moved = 4 * h * b * k * base[0].element_size()
@@ -161,16 +151,40 @@ def run_shape(h, b, k, device, dtype, repeats, warmup, compile_vectorised, clock
     return row
 
 
+def thread_scaling(h, b, k, dtype, repeats, warmup) -> dict:
+    """CPU: median seconds of the fused op (forward + backward) and of the softmax pass at each of
+    SCALING_THREADS threads (wall clock), and each one's speed-up from the first count to the last."""
+    device = torch.device("cpu")
+    base, target = make_inputs(h, b, k, device, dtype)
+    leaves = [x.clone().requires_grad_() for x in base]
+    fns = {"softmax": softmax_pass(base)}
+    if select_backend(device).name == "fused":
+        fns["fused"] = forward_backward(config_loss(LossConfig(eps=EPS)), leaves, target)
+    before = torch.get_num_threads()
+    seconds: dict[str, dict[int, float]] = {name: {} for name in fns}
+    try:
+        for n in SCALING_THREADS:
+            torch.set_num_threads(n)
+            medians, _ = median_and_min(common.time_round_robin(fns, device, repeats, warmup))
+            for name, t in medians.items():
+                seconds[name][n] = t
+    finally:
+        torch.set_num_threads(before)
+    first, last = SCALING_THREADS[0], SCALING_THREADS[-1]
+    return {"threads": list(SCALING_THREADS), "seconds": seconds,
+            "speedup": {name: s[first] / s[last] for name, s in seconds.items()}}
+
+
 # ---------------------------------------------------------------------------- report
 def print_table(rows: list[dict]) -> None:
     names = [v for v in VARIANTS if any(v in r["seconds"] for r in rows)]
     head = f"{'H,B,K':>16} " + " ".join(f"{n:>20}" for n in names)
-    head += f" {'loop/fused':>11} {'vec/fused':>10} {'fused/floor':>12} {'(fastest runs)':>14}"
+    head += f" {'loop/fused':>11} {'ref/fused':>10} {'fused/floor':>12} {'(fastest runs)':>14}"
     print(head)
     for r in rows:
         s = r["seconds"]
         cells = " ".join(f"{s[n] * 1e3:>17.3f} ms" if n in s else f"{'-':>20}" for n in names)
-        best_vec = min(s[n] for n in ("vectorised", "vectorised_compiled") if n in s)
+        best_vec = min(s[n] for n in ("reference", "reference_compiled") if n in s)
         ratios = ""
         if "fused" in s:
             f = s["fused"]
@@ -181,6 +195,22 @@ def print_table(rows: list[dict]) -> None:
             frac = r.get("fused_bandwidth_fraction")
             extra = f" ({100 * frac:.0f}% of peak)" if frac else ""
             print(f"{'':>16} fused moves {r['fused_bytes_per_s'] / 1e9:.1f} GB/s{extra}")
+    scaled = [r for r in rows if "scaling" in r]
+    if scaled:
+        first, last = SCALING_THREADS[0], SCALING_THREADS[-1]
+        print(f"\nthread scaling (CPU, wall clock, medians): {first} -> {last} threads")
+        print(f"{'H,B,K':>16} {'fused ' + str(first) + 't':>12} {'fused ' + str(last) + 't':>12} "
+              f"{'fused speed-up':>15} {'softmax ' + str(first) + 't':>14} {'softmax ' + str(last) + 't':>14} "
+              f"{'softmax speed-up':>17}")
+        for r in scaled:
+            sc = r["scaling"]
+            fused_cells = f"{'-':>41}"
+            if "fused" in sc["seconds"]:
+                f1, f2 = sc["seconds"]["fused"][first], sc["seconds"]["fused"][last]
+                fused_cells = f"{f1 * 1e3:>9.3f} ms {f2 * 1e3:>9.3f} ms {sc['speedup']['fused']:>14.2f}x"
+            soft = sc["seconds"]["softmax"]
+            print(f"{r['H']},{r['B']},{r['K']:>6}".rjust(16) + f" {fused_cells} {soft[first] * 1e3:>11.3f} ms "
+                  f"{soft[last] * 1e3:>11.3f} ms {sc['speedup']['softmax']:>16.2f}x")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -214,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--no-scaling", action="store_true",
+                        help="skip the CPU thread-scaling measurement (1 and 2 threads)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall",
@@ -233,26 +265,30 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     repeats = args.repeats or (5 if args.quick else 20)
     warmup = 2 if args.quick else 5
-    if not (fused.available() and fused.has_kernel(device.type)):
-        print(f"note: the fused op has no {device.type} kernel here; timing the other variants only")
+    backend = select_backend(device)
+    if backend.name != "fused":
+        print(f"note: {backend.reason}; timing the other variants only")
+    scaling = device.type == "cpu" and not args.no_scaling
     rows = []
     for h, b, k in SHAPES:
-        rows.append(run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile, clock))
-        print(f"done H={h} B={b} K={k}", flush=True)
+        row = run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile, clock)
+        if scaling:
+            row["scaling"] = thread_scaling(h, b, k, dtype, repeats, warmup)
+        rows.append(row)
+        common.log(f"done H={h} B={b} K={k}")
     print_table(rows)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     meta = {
-        "device": name,
+        **common.environment(device, "benchmarks.bench_loss", argv),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "repeats": repeats,
         "clock": args.clock,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "fused_backend": backend.reason,
         "temperature": TEMPERATURE,
         "alpha": ALPHA,
         "eps": EPS,
     }
+    name = meta["device_name"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loss_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     title = f"DHM loss, {name}, {args.dtype}, {meta['threads']} threads, {args.clock} clock"
