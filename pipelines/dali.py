@@ -46,15 +46,6 @@ PIPELINE_SEED = 0  # no DALI operator draws random numbers: augmentation comes w
 READ_AHEAD = 3  # batches read by the file threads ahead of the pipeline
 
 
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-        import nvidia.dali.plugin.pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _import_dali():
     try:
         from nvidia import dali
