@@ -5,7 +5,8 @@
   channels_last (tensor-core convolutions want NHWC); TF32 matmuls and convolutions unless
   --deterministic asks for bitwise reproducibility.
 - CPU: bf16 autocast only where the CPU has native bf16 arithmetic (AMX or AVX512-BF16); on an
-  AVX2-only CPU a ResNet-20 DHM step measured 10x slower in bf16 than in fp32. NCHW on the CPU.
+  AVX2-only CPU a ResNet-20 DHM step measured 10x slower in bf16 than in fp32. NCHW on the CPU (no
+  clear difference measured on the development machine; --channels-last asks for NHWC).
 Explicit values are kept as given. `Speed.notes` says what was chosen and why, for the log's first lines.
 """
 
@@ -59,7 +60,7 @@ def choose(amp: str, channels_last: bool | None, device: torch.device, determini
     if channels_last is None:
         channels_last = cuda
         notes.append(f"channels-last {'on' if cuda else 'off'} ("
-                     + ("tensor-core convolutions want NHWC" if cuda else "NCHW is as fast on the CPU") + ")")
+                     + ("tensor-core convolutions want NHWC" if cuda else "the CPU default") + ")")
     tf32 = cuda and not deterministic
     if cuda:
         notes.append("TF32 matmuls/convolutions " + ("on" if tf32 else "off (--deterministic)"))
