@@ -5,6 +5,11 @@
         of each micro-batch it trained on (checked against the labels it was actually given), the
         active head set of every step, and its final weights, under RECORD_DIR/rank<R>.pt.
 
+    python tests/dist_worker.py compile RECORD_DIR -- <train.py flags with --compile>
+        The real trainer with torch.compile's backend replaced by one that counts the graphs Dynamo
+        hands it (and runs them eagerly): every process records, per compiled frame, the branch pattern
+        of the step that triggered it, under RECORD_DIR/rank<R>.pt.
+
     python tests/dist_worker.py accum OUT_FILE GRAD_ACCUM
         A few optimizer steps of dhm_fast.engine.train_one_epoch on a norm-free 3-head test model and
         fixed data with a global batch of 16, split over the processes and GRAD_ACCUM micro-batches;
@@ -88,6 +93,43 @@ def run_train(record_dir: Path, argv: list[str]) -> int:
     return 0
 
 
+def run_compile_count(record_dir: Path, argv: list[str]) -> int:
+    import torch._dynamo
+
+    from dhm_fast.cli import build_parser
+    from dhm_fast.config import build_config
+    from dhm_fast.run import Run
+
+    compiles: list = []
+    steps: list = []
+    current: dict = {}
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(current.get("pattern"))
+        return gm.forward
+
+    real_compile = torch.compile
+    torch.compile = lambda model, **kwargs: real_compile(model, backend=counting_backend)
+    overrides = vars(build_parser().parse_args(argv))
+    overrides.pop("list_recipes")
+    run = Run(build_config(overrides.pop("recipe"), overrides))
+    sampler = run.parts.sampler
+    original = sampler.active
+
+    def noting_active(epoch: int, step: int):
+        current["pattern"] = original(epoch, step)
+        steps.append(current["pattern"])
+        return current["pattern"]
+
+    sampler.active = noting_active
+    run.train()
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    record_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"compiles": compiles, "steps": steps, "frames": frames, "ddp": run.world.distributed},
+               record_dir / f"rank{run.world.rank}.pt")
+    return 0
+
+
 class ThreeHeads(nn.Module):
     """A norm-free stand-in for a branched net: shared trunk, main head, two skippable branches."""
 
@@ -148,6 +190,9 @@ if __name__ == "__main__":
     if mode == "train":
         assert sys.argv[3] == "--"
         sys.exit(run_train(Path(sys.argv[2]), sys.argv[4:]))
+    if mode == "compile":
+        assert sys.argv[3] == "--"
+        sys.exit(run_compile_count(Path(sys.argv[2]), sys.argv[4:]))
     if mode == "accum":
         sys.exit(run_accum(Path(sys.argv[2]), int(sys.argv[3])))
     raise SystemExit(f"unknown mode {mode!r} (pid {os.getpid()})")

@@ -375,3 +375,26 @@ def test_a_single_process_needs_no_launcher_and_accumulates(data_dir, tmp_path, 
     assert "global 32 = 1 process(es) x 32 per process (2 micro-batch(es) of 16)" in capsys.readouterr().out
     saved = checkpoint.load(out / "last.pt")
     assert saved["progress"]["step"] == 2 and saved["meter"]["samples"] == 64 and saved["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_compile_makes_one_graph_per_branch_pattern_also_around_ddp(data_dir, tmp_path, nproc):
+    """--compile with DDP compiles the DDP-wrapped module: each branch pattern is compiled once per
+    process (Dynamo's DDP optimizer may split it at bucket boundaries), never once per step."""
+    record = tmp_path / "record"
+    # 7 of the epoch's 8 steps: training graphs only (evaluation compiles graphs of its own)
+    args = [*COMMON, "--data-dir", data_dir, "--epochs", "1", "--max-steps", "7", "--branch-prob", "0.5",
+            "--compile", "--out", str(tmp_path / "run")]
+    run(torchrun_cmd(str(WORKER), "compile", str(record), "--", *args, nproc=nproc))
+    for rank in range(nproc):
+        saved = torch.load(record / f"rank{rank}.pt", weights_only=True)
+        assert saved["ddp"] == (nproc > 1)
+        patterns = set(saved["steps"])
+        assert len(saved["steps"]) == 7 and set(saved["compiles"]) == patterns
+        assert len(patterns) >= 2 and len(patterns) < 7, saved  # several patterns, some drawn again
+        per_pattern = {p: saved["compiles"].count(p) for p in patterns}
+        graphs = per_pattern[saved["steps"][0]]  # DDP's optimizer may split a pattern's graph in buckets
+        assert all(n == graphs for n in per_pattern.values()), per_pattern  # compiled once per pattern
+        if nproc == 1:
+            assert graphs == 1 and saved["frames"] == len(patterns), saved
