@@ -36,8 +36,10 @@ $(VENV)/.stamp-torch: $(VENV)/.stamp-python
 	$(PIP) install --quiet $(TORCH) ninja
 	touch $@
 
-# The native loss extension is compiled here (CUDA kernels too when nvcc is present).
-$(VENV)/.stamp-project: $(VENV)/.stamp-torch pyproject.toml setup.py $(wildcard kernels/*)
+# The native library kernels._C is compiled here (CUDA kernels too when nvcc is present). Only its
+# sources are inputs: the built .so and __pycache__ beside them must not trigger a rebuild.
+KERNEL_SOURCES := $(wildcard kernels/*.cpp kernels/*.cu kernels/*.cuh kernels/*.h) kernels/cuda_targets.py
+$(VENV)/.stamp-project: $(VENV)/.stamp-torch pyproject.toml setup.py $(KERNEL_SOURCES)
 	$(PIP) install --quiet --no-build-isolation -e .
 	touch $@
 
