@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,24 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing to load {path}: not a weights-only checkpoint ({first})") from None
+        raise UserError(f"refusing to load {path}: it holds Python objects beyond tensors and plain "
+                        f"containers, and unpickling it could run code{_unpickler_detail(e)}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dhm_fast checkpoint")
     return obj
+
+
+def _unpickler_detail(error: Exception) -> str:
+    """The line of torch's refusal that names what the file holds, e.g. ' (Unsupported global: ...)'."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    found = [line for line in lines if line.startswith("Unsupported")]
+    return f" ({found[0]})" if found else ""
 
 
 def model_state(obj: dict) -> dict:

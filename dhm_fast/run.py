@@ -400,6 +400,7 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
 
     Under torchrun each process evaluates its shard of the validation set and the counts are summed.
     """
+    state = checkpoint.model_state(checkpoint.load(cfg.weights))  # a bad file fails before the data scan
     world, device = distributed.init(cfg.device, cfg.dist_timeout)
     speed = precision.choose(cfg.amp, cfg.channels_last, device, cfg.deterministic)
     cfg = dataclasses.replace(cfg, amp=speed.amp, channels_last=speed.channels_last)
@@ -407,7 +408,6 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
     autocast = precision.autocast_factory(speed, device)
     seed_everything(cfg.seed, cfg.deterministic)
     _, val_loader = create_loaders(loader_config(cfg, device, world))
-    state = checkpoint.model_state(checkpoint.load(cfg.weights, map_location=device))
     if any("_head1" in k or "_head2" in k for k in state):
         from dhm_fast.export import from_release
 

@@ -176,3 +176,20 @@ def test_the_cli_prints_the_warnings_before_it_reads_any_data(capsys):
     err = capsys.readouterr().err.splitlines()
     assert code == 2
     assert err[0].startswith("warning: --dropout has no effect") and "nonexistent" in err[1]
+
+
+def test_a_refused_pickle_is_one_line_on_the_command_line(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Evil()}))
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--eval-only", "--weights", str(path), *NO_DATA],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: refusing to load {path}: it holds Python objects"), lines
