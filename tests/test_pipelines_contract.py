@@ -204,10 +204,11 @@ def test_train_subset_is_the_same_fixed_draw_in_memory(tmp_path):
         train, _ = create_loaders(LoaderConfig(dataset="fashion-mnist", data_dir=str(tmp_path), batch_size=4,
                                                train_subset=16, seed=seed))
         assert train.num_samples == 16
-        images = torch.cat([x for x, _ in train])
+        images, labels = (torch.cat(parts) for parts in zip(*train, strict=True))
         centre = images[:, 0, 14, 14] * 0.3530 + 0.2860  # the reader's Fashion-MNIST mean/std
-        seen = torch.round(centre * 255 / 4).long().tolist()
-        assert set(seen) == expected and len(seen) == 16
+        seen = torch.round(centre * 255 / 4).long()
+        assert set(seen.tolist()) == expected and len(seen) == 16
+        assert torch.equal(labels, seen % 10)  # each image keeps its own label
 
 
 def test_subset_rule():
