@@ -1,8 +1,12 @@
-"""What every benchmark shares: device-synchronised timing, summary statistics, and the record of
-the machine and command a figure was measured with (so a JSON result can be reproduced or judged)."""
+"""What every benchmark shares: device-synchronised timing, summary statistics, the record of the
+machine and command a figure was measured with (so a JSON result can be reproduced or judged), flags
+generated from a settings dataclass, and figure files."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import os
 import platform
 import resource
@@ -11,11 +15,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dhm_fast.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,3 +140,64 @@ def environment(device: torch.device | str = "cpu", module: str | None = None,
     if module is not None:
         env["command"] = command_line(module, argv)
     return env
+
+
+# --- command line and figures -----------------------------------------------------------------------
+
+
+def option(default: Any, help: str = "", choices: tuple | None = None, ge: float | None = None) -> Any:
+    """A setting of a benchmark: its flag (--a-b for field a_b) is generated from this declaration."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "ge": ge})
+
+
+def build_parser(settings: type, module: str, doc: str) -> argparse.ArgumentParser:
+    """`python -m MODULE`'s flags, one per field of the dataclass `settings`; `doc`'s first paragraph
+    describes the command."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):
+        flag, meta, hint = "--" + f.name.replace("_", "-"), f.metadata, hints[f.name]
+        kind = next(t for t in (bool, int, float, Path, str) if t is hint or t in typing.get_args(hint))
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=meta["help"] or " ")
+            continue
+        long_choices = meta["choices"] and len(meta["choices"]) > 6  # a metavar keeps the usage line short
+        p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"] or " ",
+                       metavar=f.name.upper() if long_choices else None)
+    return p
+
+
+def check(settings: Any) -> None:
+    """Every declared choice and lower bound, also of settings built without the command line."""
+    for f in dataclasses.fields(settings):
+        value, meta = getattr(settings, f.name), f.metadata
+        if meta["choices"] and value not in meta["choices"]:
+            raise ValueError(f"unknown {f.name} {value!r}; choose one of {', '.join(meta['choices'])}")
+        if meta["ge"] is not None and value is not None and value < meta["ge"]:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be at least {meta['ge']}, got {value}")
+
+
+def cli(run: Callable[[], object]) -> int:
+    """Exit status of `run()`: bad input (ValueError, a missing file, UserError) is one line and 2."""
+    try:
+        run()
+    except (ValueError, FileNotFoundError, UserError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@contextlib.contextmanager
+def figure(path: Path, dpi: int = 120, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """(figure, axes) of `plt.subplots(**subplots)`, laid out and written to `path` on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; chosen at call time so that importing a benchmark changes nothing
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    yield fig, axes
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -6,27 +6,22 @@
         --recipe cifar100-resnet32
     python -m benchmarks.cost --recipe imagenet-resnet152 --method dhm --gpu-table
 
-The arithmetic: aggregate images/s = per-device images/s x devices x scaling efficiency (1.0 for a
-single device); images = epochs x training-set size; wall-clock = images / aggregate; device-hours =
-wall-clock hours x devices; cost = device-hours x price. Evaluation passes, start-up and
-checkpointing are not included (ImageNet validation adds about 1-2% per epoch).
-
---gpu-table prints estimates for well-known GPUs from published ResNet-50 training figures,
-scaled to the recipe's network and method by training-step FLOPs (an assumption: real throughput
-does not scale exactly with FLOPs). Measure your own with `python -m benchmarks.throughput`.
+Aggregate images/s = per-device images/s x devices x scaling efficiency; wall-clock = epochs x
+training-set size / aggregate; device-hours = wall-clock x devices (evaluation, start-up and
+checkpoints not included). --gpu-table scales published ResNet-50 figures by training FLOPs: an
+estimate, not a measurement (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from benchmarks.common import build_parser, cli, option
 from benchmarks.throughput_report import SCHEMA
-from dhm_fast.errors import UserError
 
 # Training-set sizes (images per epoch).
 DATASET_SIZES = {"imagenet": 1_281_167, "cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000}
@@ -38,8 +33,7 @@ _NVIDIA_DLE = ("NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/res
                "'Training performance results' (pytorch-21.03 NGC container)")
 
 
-@dataclass(frozen=True)
-class GpuFigure:
+class GpuFigure(NamedTuple):
     """ResNet-50 (v1.5, 224 px) training images/s on one GPU, and on 8 when published."""
 
     gpu: str
@@ -98,13 +92,11 @@ def estimate(img_per_s: float, devices: int, epochs: float, dataset_size: int,
         raise ValueError(f"--efficiency must lie in (0, 1], got {efficiency}")
     if price_per_device_hour is not None and price_per_device_hour < 0:
         raise ValueError(f"--price must be >= 0, got {price_per_device_hour}")
-    aggregate = img_per_s * devices * efficiency
-    images = epochs * dataset_size
+    aggregate, images = img_per_s * devices * efficiency, epochs * dataset_size
     seconds = images / aggregate
-    hours = seconds / 3600
-    device_hours = hours * devices
+    device_hours = seconds / 3600 * devices
     cost = device_hours * price_per_device_hour if price_per_device_hour is not None else None
-    return Estimate(img_per_s, devices, efficiency, aggregate, epochs, dataset_size, images, seconds, hours,
+    return Estimate(img_per_s, devices, efficiency, aggregate, epochs, dataset_size, images, seconds, seconds / 3600,
                     device_hours, price_per_device_hour, cost)
 
 
@@ -124,20 +116,14 @@ def recipe_run(recipe: str) -> dict[str, Any]:
             "image_size": native or values["image_size"], "num_classes": classes, "in_channels": channels}
 
 
-def flop_scale(run: dict[str, Any], method: str, branch_prob: float = 1.0) -> float:
-    """Training FLOPs per image of the recipe's network with `method`, over the published ResNet-50's."""
-    from benchmarks.flops import model_step_flops
-
-    ref = model_step_flops(REFERENCE_ARCH, "baseline", REFERENCE_SIZE, 1000)
-    mine = model_step_flops(run["arch"], method, run["image_size"], run["num_classes"], run["in_channels"],
-                            branch_prob)
-    return mine / ref
-
-
 def gpu_table(run: dict[str, Any], method: str, branch_prob: float = 1.0,
               price: float | None = None) -> list[dict[str, Any]]:
-    """Estimated cost of `run` with `method` on each GPU of GPU_FIGURES, on 1 and on 8 GPUs."""
-    scale = flop_scale(run, method, branch_prob)
+    """Estimated cost of `run` with `method` on each GPU of GPU_FIGURES, on 1 and on 8 GPUs: their images/s
+    divided by the training FLOPs per image of the recipe's network with `method` over ResNet-50's."""
+    from benchmarks.flops import model_step_flops
+
+    scale = (model_step_flops(run["arch"], method, run["image_size"], run["num_classes"], run["in_channels"],
+                              branch_prob) / model_step_flops(REFERENCE_ARCH, "baseline", REFERENCE_SIZE, 1000))
     rows = []
     for g in GPU_FIGURES:
         ips = g.img_per_s / scale
@@ -166,16 +152,13 @@ def from_throughput_json(path: str, variant: str) -> tuple[float, dict[str, Any]
     return float(rows[variant]["img_per_s"]["median"]), data["config"]
 
 
-def format_duration(hours: float) -> str:
-    return f"{hours:,.1f} h ({hours / 24:,.2f} days)" if hours >= 24 else f"{hours:,.2f} h"
-
-
 def format_estimate(e: Estimate, title: str) -> str:
+    hours = e.wall_hours
     lines = [title,
              f"  throughput: {e.img_per_s_per_device:,.1f} img/s per device x {e.devices} devices x "
              f"{e.efficiency:.2f} efficiency = {e.aggregate_img_per_s:,.1f} img/s",
              f"  work: {e.epochs:g} epochs x {e.dataset_size:,} images = {e.images:,.0f} images",
-             f"  wall-clock: {format_duration(e.wall_hours)}",
+             "  wall-clock: " + (f"{hours:,.1f} h ({hours / 24:,.2f} days)" if hours >= 24 else f"{hours:,.2f} h"),
              f"  device-hours: {e.device_hours:,.1f}"]
     if e.cost is not None:
         lines.append(f"  cost: {e.cost:,.2f} at {e.price_per_device_hour:g} per device-hour")
@@ -186,22 +169,15 @@ def format_gpu_table(rows: list[dict[str, Any]], run: dict[str, Any], method: st
     head = (f"ESTIMATES (not measurements) for {run['recipe']} ({run['arch']} @ {run['image_size']} px, "
             f"{method}, {run['epochs']:g} epochs x {run['dataset_size']:,} images): published ResNet-50 "
             f"training img/s / {rows[0]['flop_scale']:.2f} (training FLOPs relative to ResNet-50)")
-    cols = f"{'GPU':<11}{'prec':<6}{'R50 img/s':>10}{'est img/s':>10}{'1 GPU wall':>16}{'8 GPUs wall':>16}" \
-           f"{'8-GPU eff':>10}{'GPU-h (8)':>11}"
     has_cost = rows[0]["one_gpu"]["cost"] is not None
-    if has_cost:
-        cols += f"{'cost (8)':>12}"
-    lines = [head, cols]
+    lines = [head, f"{'GPU':<11}{'prec':<6}{'R50 img/s':>10}{'est img/s':>10}{'1 GPU wall':>16}{'8 GPUs wall':>16}"
+                   f"{'8-GPU eff':>10}{'GPU-h (8)':>11}" + (f"{'cost (8)':>12}" if has_cost else "")]
     for r in rows:
         one, eight = r["one_gpu"], r["eight_gpus"]
-        mark = "" if r["published"] else " *"
-        line = (f"{r['gpu']:<11}{r['precision']:<6}{r['resnet50_img_per_s']:>10,.0f}"
-                f"{r['est_img_per_s']:>10,.0f}"
-                f"{one['wall_hours']:>14,.1f} h{eight['wall_hours']:>14,.1f} h{r['efficiency_8']:>10.2f}"
-                f"{eight['device_hours']:>11,.0f}")
-        if has_cost:
-            line += f"{eight['cost']:>12,.0f}"
-        lines.append(line + mark)
+        lines.append(f"{r['gpu']:<11}{r['precision']:<6}{r['resnet50_img_per_s']:>10,.0f}{r['est_img_per_s']:>10,.0f}"
+                     f"{one['wall_hours']:>14,.1f} h{eight['wall_hours']:>14,.1f} h{r['efficiency_8']:>10.2f}"
+                     f"{eight['device_hours']:>11,.0f}" + (f"{eight['cost']:>12,.0f}" if has_cost else "")
+                     + ("" if r["published"] else " *"))
     if run["dataset"] != "imagenet":
         lines.append("Caution: small-image networks rarely reach ResNet-50's FLOP rate on a GPU (kernel "
                      "launch and memory bound); these estimates are optimistic. Measure with "
@@ -211,46 +187,35 @@ def format_gpu_table(rows: list[dict[str, Any]], run: dict[str, Any], method: st
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--img-per-s", type=float, help="training images/s of one device (for this recipe)")
-    src.add_argument("--from-json", help="a benchmarks.throughput JSON: use its images/s for --method")
-    p.add_argument("--method", default="dhm", help="method (or throughput variant, e.g. dhm-p0.5)")
-    p.add_argument("--branch-prob", type=float, default=1.0, help="DHM branch probability (--gpu-table)")
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--efficiency", type=float, default=None,
-                   help="multi-device scaling efficiency (default 1.0 on one device, 0.9 on several)")
-    p.add_argument("--recipe", default="imagenet-resnet152", help="gives epochs and dataset")
-    p.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs")
-    p.add_argument("--dataset-size", type=int, default=None, help="override the training-set size")
-    p.add_argument("--price", type=float, default=None, help="price per device-hour (any currency)")
-    p.add_argument("--gpu-table", action="store_true",
-                   help="estimates for well-known GPUs (from published figures)")
-    p.add_argument("--json", default=None, help="also write the result here")
-    return p
+@dataclass
+class CostConfig:
+    img_per_s: float | None = option(None, "training images/s of one device (for this recipe)")
+    from_json: str | None = option(None, "a benchmarks.throughput JSON: use its images/s for --method")
+    method: str = option("dhm", "method (or throughput variant, e.g. dhm-p0.5)")
+    branch_prob: float = option(1.0, "DHM branch probability (--gpu-table)")
+    devices: int = option(1)
+    efficiency: float | None = option(None, "multi-device scaling efficiency (default 1.0 on one device, 0.9 on "
+                                      "several)")
+    recipe: str = option("imagenet-resnet152", "gives epochs and dataset")
+    epochs: float | None = option(None, "override the recipe's epochs")
+    dataset_size: int | None = option(None, "override the training-set size")
+    price: float | None = option(None, "price per device-hour (any currency)")
+    gpu_table: bool = option(False, "estimates for well-known GPUs (from published figures)")
+    json: str | None = option(None, "also write the result here")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = _main(args)
-    except (ValueError, FileNotFoundError, UserError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    args = CostConfig(**vars(build_parser(CostConfig, "benchmarks.cost", __doc__).parse_args(argv)))
+    return cli(lambda: report(args))
 
 
-def _main(args: argparse.Namespace) -> dict[str, Any]:
+def report(args: CostConfig) -> dict[str, Any]:
+    """Print the estimate (and the GPU table) for `args`; returns the JSON-ready result."""
+    if args.img_per_s is not None and args.from_json:
+        raise ValueError("give --img-per-s or --from-json, not both")
     run = recipe_run(args.recipe)
-    if args.epochs is not None:
-        run["epochs"] = args.epochs
-    if args.dataset_size is not None:
-        run["dataset_size"] = args.dataset_size
-    method = args.method.split("-p")[0]
+    run["epochs"] = run["epochs"] if args.epochs is None else args.epochs
+    run["dataset_size"] = run["dataset_size"] if args.dataset_size is None else args.dataset_size
     result: dict[str, Any] = {"run": run, "method": args.method}
     ips, source = args.img_per_s, "given"
     if args.from_json:
@@ -262,15 +227,15 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                   f"{run['image_size']} px", file=sys.stderr)
     if ips is not None:
         e = estimate(ips, args.devices, run["epochs"], run["dataset_size"], args.efficiency, args.price)
-        title = (f"{run['recipe']} ({run['arch']}, {args.method}) on {args.devices} device(s), "
-                 f"images/s {source}")
-        print(format_estimate(e, title))
-        result["estimate"] = asdict(e)
-        result["img_per_s_source"] = source
+        print(format_estimate(e, f"{run['recipe']} ({run['arch']}, {args.method}) on {args.devices} device(s), "
+                                 f"images/s {source}"))
+        result.update(estimate=asdict(e), img_per_s_source=source)
     if args.gpu_table or ips is None:
-        rows = gpu_table(run, method, args.branch_prob, args.price)
+        rows = gpu_table(run, args.method.split("-p")[0], args.branch_prob, args.price)
         print(format_gpu_table(rows, run, args.method))
         result["gpu_table"] = rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return result
 
 

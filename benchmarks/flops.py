@@ -1,4 +1,4 @@
-"""FLOPs of a training step, counted by torch.utils.flop_counter, per active-branch pattern.
+"""FLOPs (torch.utils.flop_counter) and saved activations of a training step, per active-branch pattern.
 
 FlopCounterMode counts matrix products and convolutions (forward and backward), i.e. the
 arithmetic that dominates a CNN; element-wise work (BN, ReLU, pooling, the optimizer) is not
@@ -29,31 +29,37 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def step_flops(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    active: Pattern,
-    loss: LossConfig,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[int, int]:
-    """(forward FLOPs, forward + loss + backward FLOPs) per image of one training step."""
+def step_costs(model: nn.Module, images: Tensor, labels: Tensor, active: Pattern, loss: LossConfig,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+               ) -> tuple[int, int, int]:
+    """Per image of one training step: forward FLOPs, forward + loss + backward FLOPs, and the bytes
+    autograd saves for backward (each storage once, parameters excluded; 0 on the "meta" device). The
+    saved bytes are device-independent: they stand in for peak memory where the CPU has no counter."""
     batch = images.shape[0]
     model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if t.device.type != "meta" and ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
 
     def forward() -> None:
         with torch.no_grad(), autocast():
             model(images, active=active)
 
     def train_step() -> None:
-        with autocast():
-            outputs = model(images, active=active)
-        loss.compute(outputs, labels, active=active)[0].backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast():
+                outputs = model(images, active=active)
+            value = loss.compute(outputs, labels, active=active)[0]
+        value.backward()
 
-    fwd = count_flops(forward)
-    total = count_flops(train_step)
+    fwd, total = count_flops(forward), count_flops(train_step)
     model.zero_grad(set_to_none=True)
-    return fwd // batch, total // batch
+    return fwd // batch, total // batch, sum(saved.values()) // batch
 
 
 def patterns(num_heads: int) -> list[Pattern]:
@@ -82,6 +88,6 @@ def model_step_flops(arch: str, method: str, image_size: int, num_classes: int =
         labels = torch.zeros(2, dtype=torch.long)
     loss = LossConfig(method=method)
     if model.num_heads == 1 or branch_prob >= 1.0:
-        return float(step_flops(model, images, labels, (True,) * model.num_heads, loss)[1])
-    per = {pat: float(step_flops(model, images, labels, pat, loss)[1]) for pat in patterns(model.num_heads)}
+        return float(step_costs(model, images, labels, (True,) * model.num_heads, loss)[1])
+    per = {pat: float(step_costs(model, images, labels, pat, loss)[1]) for pat in patterns(model.num_heads)}
     return expected(per, [branch_prob] * (model.num_heads - 1))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from benchmarks import flops as flopcount
-from benchmarks.common import environment, quantiles
+from benchmarks.common import environment, figure, quantiles
 from dhm_fast.telemetry import FIELDS as TELEMETRY_FIELDS
 from dhm_fast.telemetry import GpuTelemetry
 
@@ -40,17 +40,13 @@ def _ms(q: dict[str, float]) -> dict[str, float]:
     return {k: (v * 1e3 if k != "n" else v) for k, v in q.items()}
 
 
-def _expectation(per_pattern: dict, probs: list[float]) -> float:
-    return flopcount.expected(per_pattern, probs) if len(per_pattern) > 1 else next(iter(per_pattern.values()))
-
-
 def variant_row(b: Bench, cfg: BenchConfig, base_block: list[float], base_flops: int, base_min: float,
                 telemetry: GpuTelemetry) -> dict[str, Any]:
     """One variant's figures; `_block` and `_realised` are kept for the targets, then dropped."""
     assert cfg.batch_size is not None
     probs = [b.variant.branch_prob] * (b.model.num_heads - 1)
     step_f = {p: f[1] for p, f in b.flops_by_pattern.items()}
-    exp_step = _expectation(step_f, probs)
+    exp_step = flopcount.expected(step_f, probs)
     block = [sum(t) / len(t) for t in b.step_times]  # mean step time per repeat
     # FLOPs of the patterns actually drawn in each block (sampling makes them vary by block).
     realised = [statistics.fmean(step_f[p] for p in pats) for pats in b.block_patterns]
@@ -61,7 +57,7 @@ def variant_row(b: Bench, cfg: BenchConfig, base_block: list[float], base_flops:
         "img_per_s": quantiles([cfg.batch_size / t for t in block]),
         "step_time_ms": _ms(quantiles(all_steps)),
         "flops_per_image": exp_step,
-        "forward_flops_per_image": _expectation({p: f[0] for p, f in b.flops_by_pattern.items()}, probs),
+        "forward_flops_per_image": flopcount.expected({p: f[0] for p, f in b.flops_by_pattern.items()}, probs),
         "flop_ratio": exp_step / base_flops,
         "time_ratio": quantiles([t / tb for t, tb in zip(block, base_block, strict=True)]),
         "realised_flop_ratio": quantiles([f / base_flops for f in realised]),
@@ -71,7 +67,7 @@ def variant_row(b: Bench, cfg: BenchConfig, base_block: list[float], base_flops:
         "loss_share": quantiles([statistics.fmean(lt) / statistics.fmean(st)
                                  for lt, st in zip(b.loss_times, b.step_times, strict=True)]),
         "peak_memory_bytes": b.peak_bytes,
-        "saved_activation_bytes_per_image": _expectation(b.saved_by_pattern, probs),
+        "saved_activation_bytes_per_image": flopcount.expected(b.saved_by_pattern, probs),
         "flops_by_pattern": {pattern_name(p): {"forward": f[0], "step": f[1]} for p, f in b.flops_by_pattern.items()},
         "telemetry": telemetry.summary(b.variant.name),
         "nonfinite": b.nonfinite,
@@ -114,32 +110,27 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
 
 def evaluate_targets(rows: list[dict]) -> dict[str, Any]:
     """The targets, measured (reported as pass/fail; never asserted)."""
-    by_name = {r["name"]: r for r in rows}
-    out: dict[str, Any] = {}
-    dhm = by_name.get("dhm")
-    if dhm:
-        ratio = dhm["time_over_flop_ratio"]
-        fastest = dhm["time_ratio_min"] / dhm["flop_ratio"]
-        out["dhm_time_over_flop_ratio"] = {"value": ratio, "target": TARGET_TIME_OVER_FLOPS,
-                                           "pass": ratio <= TARGET_TIME_OVER_FLOPS,
-                                           "value_from_fastest_steps": fastest}
-        share = dhm["loss_share"]["median"]
-        out["dhm_loss_share"] = {"value": share, "target": TARGET_LOSS_SHARE, "pass": share < TARGET_LOSS_SHARE}
+    dhm = next((r for r in rows if r["name"] == "dhm"), None)
+    if not dhm:
+        return {}
+    ratio, share = dhm["time_over_flop_ratio"], dhm["loss_share"]["median"]
+    out: dict[str, Any] = {
+        "dhm_time_over_flop_ratio": {"value": ratio, "target": TARGET_TIME_OVER_FLOPS,
+                                     "pass": ratio <= TARGET_TIME_OVER_FLOPS,
+                                     "value_from_fastest_steps": dhm["time_ratio_min"] / dhm["flop_ratio"]},
+        "dhm_loss_share": {"value": share, "target": TARGET_LOSS_SHARE, "pass": share < TARGET_LOSS_SHARE}}
     for r in rows:
-        if r["method"] != "dhm" or r["branch_prob"] >= 1.0 or not dhm:
+        if r["method"] != "dhm" or r["branch_prob"] >= 1.0:
             continue
         # Time saved against full DHM over the time its skipped FLOPs would save, pooled over repeats
         # (a ratio of sums: a block whose draw skipped nothing predicts no saving and would make a
         # per-repeat ratio meaningless); per-repeat values give the spread.
-        saved = predicted = 0.0
-        effs = []
-        for t_full, t_sampled, f_sampled in zip(dhm["_block"], r["_block"], r["_realised"], strict=True):
-            pred = t_full * (1.0 - f_sampled / dhm["flops_per_image"])
-            saved, predicted = saved + t_full - t_sampled, predicted + pred
-            if pred > 0:
-                effs.append((t_full - t_sampled) / pred)
-        if predicted > 0:
-            value = saved / predicted
+        blocks = list(zip(dhm["_block"], r["_block"], r["_realised"], strict=True))
+        saved = [t_full - t for t_full, t, _ in blocks]
+        predicted = [t_full * (1.0 - f / dhm["flops_per_image"]) for t_full, _, f in blocks]
+        if sum(predicted) > 0:
+            value = sum(saved) / sum(predicted)
+            effs = [s / p for s, p in zip(saved, predicted, strict=True) if p > 0]
             out[f"{r['name']}_sampling_efficiency"] = {"value": value, "spread": quantiles(effs),
                                                         "target": TARGET_SAMPLING_EFFICIENCY,
                                                         "pass": value >= TARGET_SAMPLING_EFFICIENCY}
@@ -194,27 +185,19 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Images/s per variant: measured (with the IQR over repeats) beside the FLOP-predicted bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["methods"]
     base = next(r for r in rows if r["method"] == "baseline")
     ips = [r["img_per_s"] for r in rows]
     err = [[q["median"] - q["q25"] for q in ips], [q["q75"] - q["median"] for q in ips]]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4.2))
-    ax.bar([i - 0.2 for i in x], [q["median"] for q in ips], 0.4, yerr=err, capsize=3,
-           label="measured (median, IQR)")
-    ax.bar([i + 0.2 for i in x], [base["img_per_s"]["median"] / r["flop_ratio"] for r in rows], 0.4, alpha=0.6,
-           label="FLOP-predicted from the baseline")
-    ax.set_xticks(list(x), [r["name"] for r in rows])
-    ax.set_ylabel("training images / s")
-    c = result["config"]
-    ax.set_title(f"{c['arch']} @ {c['image_size']}px, batch {c['batch_size']}, {c['precision']}, "
-                 f"{result['environment']['device_name']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(1.6 * len(rows) + 2, 4.2)) as (_, ax):
+        ax.bar([i - 0.2 for i in x], [q["median"] for q in ips], 0.4, yerr=err, capsize=3,
+               label="measured (median, IQR)")
+        ax.bar([i + 0.2 for i in x], [base["img_per_s"]["median"] / r["flop_ratio"] for r in rows], 0.4,
+               alpha=0.6, label="FLOP-predicted from the baseline")
+        ax.set_xticks(list(x), [r["name"] for r in rows])
+        ax.set_ylabel("training images / s")
+        c = result["config"]
+        ax.set_title(f"{c['arch']} @ {c['image_size']}px, batch {c['batch_size']}, {c['precision']}, "
+                     f"{result['environment']['device_name']}", fontsize=9)
+        ax.legend(fontsize=8)

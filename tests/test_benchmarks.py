@@ -225,7 +225,7 @@ class Tiny(nn.Module):
 SUM_LOSS = types.SimpleNamespace(compute=lambda outputs, labels, active=None: (outputs[0].sum(), None))
 
 
-def test_step_flops_of_a_small_net_match_a_hand_count():
+def test_step_costs_of_a_small_net_match_a_hand_count():
     b, h, w = 3, 8, 6
     conv = 2 * 4 * h * w * 3 * 3 * 3  # per image: 2 x out channels x positions x (in channels x 3 x 3)
     fc = 2 * 4 * 5
@@ -233,8 +233,11 @@ def test_step_flops_of_a_small_net_match_a_hand_count():
     # Backward: conv weight gradient (= conv); no input gradient (the images need none);
     # linear: weight gradient and input gradient (= fc each).
     step = forward + conv + 2 * fc
+    # Saved for backward (float32): the conv's input (the images), ReLU's output and the linear layer's
+    # input; the weights are parameters, and the mean and the sum keep only shapes.
+    saved = 4 * (3 * h * w + 4 * h * w + 4)
     images, labels = torch.randn(b, 3, h, w), torch.randint(0, 5, (b,))
-    assert flops.step_flops(Tiny(), images, labels, (True,), SUM_LOSS) == (forward, step)
+    assert flops.step_costs(Tiny(), images, labels, (True,), SUM_LOSS) == (forward, step, saved)
 
 
 def test_torchvision_resnet18_forward_flops_match_the_published_count():
@@ -263,12 +266,13 @@ def test_dhm_fast_resnet18_flops_match_torchvision_and_reference():
         trunk = create_model("resnet18", 1000, method="baseline")
         dhm = create_model("resnet18", 1000, method="dhm")
         labels = torch.zeros(2, dtype=torch.long)
-    fwd, step = flops.step_flops(trunk, x, labels, (True,), SUM_LOSS)
+    fwd, step, saved = flops.step_costs(trunk, x, labels, (True,), SUM_LOSS)
     assert fwd == tv_fwd
     # Backward costs two forwards, except conv1's input gradient (the images need none).
     conv1 = 2 * 64 * 112 * 112 * 3 * 7 * 7
     assert step == 3 * fwd - conv1
-    dhm_fwd, _ = flops.step_flops(dhm, x, labels, (True, True, True), SUM_LOSS)
+    assert saved == 0  # a "meta" tensor has no storage to count
+    dhm_fwd, _, _ = flops.step_costs(dhm, x, labels, (True, True, True), SUM_LOSS)
     # 7,844,397,056: FlopCounterMode on the authors' released DHM ResNet-18 (all three heads, 224 px)
     assert dhm_fwd == pytest.approx(7.84e9, rel=0.002)
 
