@@ -1,26 +1,19 @@
 """Accuracy on a short schedule: baseline, DSL, DHM as released, and DHM with an alpha warm-up.
 
-The protocol (recipe `fashion-mnist-resnet20-short`): CIFAR ResNet-20 with branches
-[[3,2],[3]], the first 10,000 Fashion-MNIST training images, the full 10,000-image test set, 8 epochs,
-SGD lr 0.1 (x0.1 at epochs 4 and 6), momentum 0.9, weight decay 1e-4, batch 128, pad-4 crop + flip,
-bf16 autocast; the score is the main head's test top-1 after the last epoch. Every run is
-`python train.py ...` in a subprocess (its exact command is recorded) writing into
-<runs>/<name>/<variant>/seed<k>; a finished run with the same command is reused, an interrupted one
-resumes from its checkpoint, so re-running the benchmark continues where it stopped. The results are
-rewritten after every run: <results>/accuracy-<name>.json, .md and .png.
-
     python -m benchmarks.accuracy                      # 4 methods x 3 seeds, 8 epochs
     python -m benchmarks.accuracy --quick              # smoke version: 2 epochs on 2,048 images, 1 seed
     python -m benchmarks.accuracy --epochs 30 --variants baseline,dhm-warmup --seeds 1
     python -m benchmarks.accuracy --variants investigate --seeds 1   # temperature, direction, ...
 
-On a shared CPU, one thread per run is several times faster than torch's default of one per core
-(OpenMP threads spin-wait when the cores are oversubscribed): `--threads 1 --jobs 2` fills 2 cores.
+Every run is `python train.py ...` (recipe `fashion-mnist-resnet20-short`) in a subprocess writing into
+<runs>/<name>/<variant>/seed<k>; a finished run of the same command is reused and an interrupted one
+resumes, so re-running continues where it stopped. <results>/accuracy-<name>.json, .md and .png are
+rewritten after every run. The protocol and why one thread per run (`--threads 1 --jobs 2` fills 2
+cores): docs/short_schedules.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -32,80 +25,136 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import ROOT, environment, portable_args
+from benchmarks.common import ROOT, check, cli, environment, figure, option, parse_settings, portable_args
 from dhm_fast.logbook import read_log
 
 RECIPE = "fashion-mnist-resnet20-short"
 
 # DHM flags spelled out in full so that no recipe default leaks into a variant.
-_DHM = ["--method", "dhm", "--alpha", "1", "--temperature", "1", "--direction", "both", "--branch-prob", "1"]
-_CONST = ["--alpha-ramp", "constant"]
-_WARM = ["--alpha-ramp", "linear", "--alpha-ramp-epochs", "0.5"]
+_DHM = "--method dhm --alpha 1 --temperature 1 --direction both --branch-prob 1"
+_CONST = f"{_DHM} --alpha-ramp constant"
+_WARM = f"{_DHM} --alpha-ramp linear --alpha-ramp-epochs 0.5"
 
 # name: (what it is, train.py flags)
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "baseline": ("main head only", ["--method", "baseline"]),
-    "dsl": ("deep supervision: CE on every head, no KL", ["--method", "dsl"]),
-    "dhm": ("DHM as released: alpha = 1 from the first step", _DHM + _CONST),
-    "dhm-warmup": ("DHM, alpha ramped linearly 0 -> 1 over the first half", _DHM + _WARM),
+VARIANTS: dict[str, tuple[str, str]] = {
+    "baseline": ("main head only", "--method baseline"),
+    "dsl": ("deep supervision: CE on every head, no KL", "--method dsl"),
+    "dhm": ("DHM as released: alpha = 1 from the first step", _CONST),
+    "dhm-warmup": ("DHM, alpha ramped linearly 0 -> 1 over the first half", _WARM),
     # what else moves the short-schedule result
     "dhm-cosine": ("DHM, alpha ramped 0 -> 1 with a cosine over the first half",
-                   _DHM + ["--alpha-ramp", "cosine", "--alpha-ramp-epochs", "0.5"]),
+                   f"{_DHM} --alpha-ramp cosine --alpha-ramp-epochs 0.5"),
     "dhm-warmup-quarter": ("DHM, alpha ramped linearly over the first quarter",
-                           _DHM + ["--alpha-ramp", "linear", "--alpha-ramp-epochs", "0.25"]),
-    "dhm-alpha0.1": ("DHM, constant alpha = 0.1", _DHM + _CONST + ["--alpha", "0.1"]),
-    "dhm-alpha0.3": ("DHM, constant alpha = 0.3", _DHM + _CONST + ["--alpha", "0.3"]),
-    "dhm-T4": ("DHM, constant alpha, temperature 4 (KL scaled by T^2)",
-               _DHM + _CONST + ["--temperature", "4"]),
+                           f"{_DHM} --alpha-ramp linear --alpha-ramp-epochs 0.25"),
+    "dhm-alpha0.1": ("DHM, constant alpha = 0.1", f"{_CONST} --alpha 0.1"),
+    "dhm-alpha0.3": ("DHM, constant alpha = 0.3", f"{_CONST} --alpha 0.3"),
+    "dhm-T4": ("DHM, constant alpha, temperature 4 (KL scaled by T^2)", f"{_CONST} --temperature 4"),
     "dhm-top-down": ("DHM, constant alpha, shallower heads learn from deeper ones only",
-                     _DHM + _CONST + ["--direction", "top-down"]),
+                     f"{_CONST} --direction top-down"),
     "dhm-bottom-up": ("DHM, constant alpha, deeper heads learn from shallower ones only",
-                      _DHM + _CONST + ["--direction", "bottom-up"]),
+                      f"{_CONST} --direction bottom-up"),
     "dhm-p0.5": ("DHM, constant alpha, each branch active with probability 0.5 per step",
-                 _DHM + _CONST + ["--branch-prob", "0.5"]),
-    "dhm-warmup-T4": ("DHM, alpha warm-up over the first half, temperature 4",
-                      _DHM + _WARM + ["--temperature", "4"]),
-    "dhm-warmup-top-down": ("DHM, alpha warm-up over the first half, top-down only",
-                            _DHM + _WARM + ["--direction", "top-down"]),
+                 f"{_CONST} --branch-prob 0.5"),
+    "dhm-warmup-T4": ("DHM, alpha warm-up over the first half, temperature 4", f"{_WARM} --temperature 4"),
+    "dhm-warmup-top-down": ("DHM, alpha warm-up over the first half, top-down only", f"{_WARM} --direction top-down"),
     "dhm-warmup-bottom-up": ("DHM, alpha warm-up over the first half, bottom-up only (deeper heads learn "
-                             "from shallower ones)", _DHM + _WARM + ["--direction", "bottom-up"]),
+                             "from shallower ones)", f"{_WARM} --direction bottom-up"),
     "dsl-aux0": ("deep supervision with the auxiliary heads' CE weighted 0: the baseline's gradients, "
-                 "branches built", ["--method", "dsl", "--aux-weight", "0"]),
-    "dsl-aux0.5": ("deep supervision, auxiliary heads' CE weighted 0.5", ["--method", "dsl", "--aux-weight", "0.5"]),
-    "dhm-warmup-aux0.5": ("DHM with warm-up, auxiliary heads' CE weighted 0.5",
-                          _DHM + _WARM + ["--aux-weight", "0.5"]),
-    "dhm-warmup-aux0.2": ("DHM with warm-up, auxiliary heads' CE weighted 0.2",
-                          _DHM + _WARM + ["--aux-weight", "0.2"]),
+                 "branches built", "--method dsl --aux-weight 0"),
+    "dsl-aux0.5": ("deep supervision, auxiliary heads' CE weighted 0.5", "--method dsl --aux-weight 0.5"),
+    "dhm-warmup-aux0.5": ("DHM with warm-up, auxiliary heads' CE weighted 0.5", f"{_WARM} --aux-weight 0.5"),
+    "dhm-warmup-aux0.2": ("DHM with warm-up, auxiliary heads' CE weighted 0.2", f"{_WARM} --aux-weight 0.2"),
 }
-GROUPS = {
-    "main": ["baseline", "dsl", "dhm", "dhm-warmup"],
-    "investigate": ["dhm-T4", "dhm-top-down", "dhm-bottom-up", "dhm-p0.5", "dhm-alpha0.1", "dhm-alpha0.3",
-                    "dhm-cosine", "dhm-warmup-quarter", "dhm-warmup-T4", "dhm-warmup-top-down",
-                    "dhm-warmup-bottom-up", "dsl-aux0", "dsl-aux0.5", "dhm-warmup-aux0.5", "dhm-warmup-aux0.2"],
-}
+MAIN = ["baseline", "dsl", "dhm", "dhm-warmup"]
+GROUPS = {"main": MAIN, "investigate": [v for v in VARIANTS if v not in MAIN]}
+
+
+@dataclass
+class AccuracyConfig:
+    quick: bool = option(False, "smoke version: 2 epochs on 2,048 images, 1 seed")
+    variants: str = option("main", f"comma-separated variants or groups ({', '.join(GROUPS)}); variants: "
+                           f"{', '.join(VARIANTS)}")
+    seeds: str = option("3", "a count N (seeds 0..N-1) or a comma-separated list ('3,4'; '0,' for seed 0 alone)")
+    epochs: int = option(8, ge=1)
+    milestones: str | None = option(None, "lr x0.1 epochs (default: half and three quarters)")
+    train_subset: int = option(10000, ge=128)
+    amp: str = option("bf16", choices=("none", "bf16"))
+    recipe: str = option(RECIPE, "base recipe; the flags above override it")
+    extra: str = option("", "more train.py flags for every run, e.g. '--no-channels-last'")
+    threads: int = option(1, "CPU threads per run", ge=1)
+    jobs: int = option(1, "runs at the same time", ge=1)
+    name: str | None = option(None, "results name (default e<epochs>-n<subset>-<amp>, or 'quick')")
+    runs: Path = option(Path("runs/accuracy"), "run folders (relative paths are under the repository root)")
+    results: Path = option(ROOT / "benchmarks" / "results", "JSON/MD/PNG folder")
+
+    @property
+    def milestone_list(self) -> list[float]:
+        if self.milestones:
+            return [float(x) for x in self.milestones.split(",") if x.strip()]
+        return sorted({float(m) for m in (round(self.epochs / 2), round(3 * self.epochs / 4)) if 0 < m < self.epochs})
+
+    @property
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = (list(range(int(self.seeds))) if "," not in self.seeds
+                     else [int(s) for s in self.seeds.split(",") if s.strip()])
+        except ValueError:
+            raise ValueError(f"--seeds: expected a count or a comma-separated list, got {self.seeds!r}") from None
+        if not seeds:
+            raise ValueError("--seeds: no seed to run (a single number is a count; for seed 0 alone pass '0,')")
+        return seeds
+
+    @property
+    def variant_list(self) -> list[str]:
+        names: list[str] = []
+        for item in (s.strip() for s in self.variants.split(",") if s.strip()):
+            for v in GROUPS.get(item, [item]):
+                if v not in VARIANTS:
+                    raise ValueError(f"unknown variant {v!r}; choose from {', '.join([*GROUPS, *VARIANTS])}")
+                names += [] if v in names else [v]
+        return names
+
+
+def parse_args(argv: list[str] | None) -> AccuracyConfig:
+    """The settings with --quick applied; bad values raise ValueError (seeds and variants when first read)."""
+    args = parse_settings(AccuracyConfig, "benchmarks.accuracy", __doc__, argv)
+    if args.quick:
+        args.epochs, args.train_subset = 2, 2048
+        args.seeds = "1" if args.seeds == "3" else args.seeds
+    check(args)
+    if not args.name:
+        args.name = "quick" if args.quick else f"e{args.epochs}-n{args.train_subset}-{args.amp}"
+        if args.extra:  # other flags, another protocol: keep its runs apart
+            args.name += "-x" + hashlib.sha1(args.extra.encode()).hexdigest()[:8]
+    return args
 
 
 # ---------------------------------------------------------------------------- one run
-def train_command(args: argparse.Namespace, variant: str, seed: int, out: Path) -> list[str]:
+def train_command(args: AccuracyConfig, variant: str, seed: int, out: Path) -> list[str]:
     cmd = ["train.py", "--recipe", args.recipe, "--epochs", str(args.epochs),
-           "--milestones", ",".join(_num(m) for m in args.milestones),
+           "--milestones", ",".join(_num(m) for m in args.milestone_list),
            "--train-subset", str(args.train_subset), "--amp", args.amp, "--loader", "memory",
            "--seed", str(seed)]
-    return cmd + VARIANTS[variant][1] + shlex.split(args.extra) + ["--out", str(out)]
+    return cmd + shlex.split(VARIANTS[variant][1]) + shlex.split(args.extra) + ["--out", str(out)]
 
 
-def run_once(args: argparse.Namespace, variant: str, seed: int, bench_command: str) -> dict:
+def _finished(out: Path) -> bool:
+    summary = out / "summary.json"
+    return summary.is_file() and not json.loads(summary.read_text())["stopped_early"]
+
+
+def run_once(args: AccuracyConfig, variant: str, seed: int, bench_command: str) -> dict:
     """Train one (variant, seed), or reuse a finished run of the same command; return its record."""
     rel = args.runs / args.name / variant / f"seed{seed}"  # as train.py sees it (cwd: the repository)
     cmd = train_command(args, variant, seed, rel)
     out = rel if rel.is_absolute() else ROOT / rel
     stamp = out / "bench_command.json"
-    summary_path = out / "summary.json"
     if stamp.is_file() and json.loads(stamp.read_text())["command"] != cmd:
         raise SystemExit(f"{out} holds a run of another command; pass another --name or remove it")
-    done = summary_path.is_file() and not json.loads(summary_path.read_text())["stopped_early"]
+    done = _finished(out)
     if not done:
         out.mkdir(parents=True, exist_ok=True)
         if not stamp.is_file():
@@ -113,12 +162,11 @@ def run_once(args: argparse.Namespace, variant: str, seed: int, bench_command: s
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         t0 = time.perf_counter()
         with open(out / "train_output.txt", "a") as f:
-            proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f,
-                                  stderr=subprocess.STDOUT)
+            proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             return {"variant": variant, "seed": seed, "error": f"exit code {proc.returncode}, see "
-                    f"{out / 'train_output.txt'}", "command": _shell(cmd)}
+                    f"{out / 'train_output.txt'}", "command": shlex.join(cmd)}
         (out / "bench_wall.json").write_text(json.dumps({"wall_seconds": wall}))
     return {**read_run(out, variant, seed), "reused": done}
 
@@ -126,13 +174,12 @@ def run_once(args: argparse.Namespace, variant: str, seed: int, bench_command: s
 def read_run(out: Path, variant: str, seed: int) -> dict:
     stamp = json.loads((out / "bench_command.json").read_text())
     log = read_log(out, kind="epoch")
-    final = log[-1]
     wall_file = out / "bench_wall.json"
     return {
-        "variant": variant, "seed": seed, "command": _shell(stamp["command"]),
+        "variant": variant, "seed": seed, "command": shlex.join(stamp["command"]),
         "benchmark_command": stamp.get("benchmark"), "epochs": len(log),
-        "main_top1": final["val"]["heads"]["main"]["top1"],
-        "heads_top1": {h: v["top1"] for h, v in final["val"]["heads"].items()},
+        "main_top1": log[-1]["val"]["heads"]["main"]["top1"],
+        "heads_top1": {h: v["top1"] for h, v in log[-1]["val"]["heads"].items()},
         "best_main_top1": max(r["val"]["heads"]["main"]["top1"] for r in log),
         "curve_main_top1": [r["val"]["heads"]["main"]["top1"] for r in log],
         "curve_alpha": [r["alpha"] for r in log],
@@ -150,20 +197,20 @@ def aggregate(records: list[dict], variants: list[str]) -> dict[str, dict]:
         ok = sorted((r for r in records if r["variant"] == v and "error" not in r), key=lambda r: r["seed"])
         accs = [r["main_top1"] for r in ok]
         heads = {h: [r["heads_top1"][h] for r in ok] for h in (ok[0]["heads_top1"] if ok else {})}
+        walls = [r["wall_seconds"] / 60 for r in ok if r["wall_seconds"]]
         table[v] = {
-            "description": VARIANTS[v][0], "flags": _shell(VARIANTS[v][1]), "n": len(accs),
+            "description": VARIANTS[v][0], "flags": VARIANTS[v][1], "n": len(accs),
             "seeds": [r["seed"] for r in ok], "main_top1": accs,
             "mean": statistics.fmean(accs) if accs else None,
             "std": statistics.stdev(accs) if len(accs) > 1 else None,
             "heads_mean": {h: statistics.fmean(x) for h, x in heads.items()},
-            "minutes_per_run": statistics.fmean(r["wall_seconds"] / 60 for r in ok if r["wall_seconds"])
-            if any(r["wall_seconds"] for r in ok) else None,
+            "minutes_per_run": statistics.fmean(walls) if walls else None,
             "errors": [r["error"] for r in records if r["variant"] == v and "error" in r],
         }
     return table
 
 
-def collect_finished(args: argparse.Namespace) -> list[dict]:
+def collect_finished(args: AccuracyConfig) -> list[dict]:
     """Every finished run under <runs>/<name>, whichever benchmark invocation trained it: two
     invocations sharing a name (e.g. the main methods and the investigation) make one table. Runs
     recorded in the results JSON whose folders are gone (trained on another machine) are kept."""
@@ -176,23 +223,20 @@ def collect_finished(args: argparse.Namespace) -> list[dict]:
     root = args.runs if args.runs.is_absolute() else ROOT / args.runs
     for variant in VARIANTS:
         for out in sorted((root / args.name / variant).glob("seed*")):
-            summary = out / "summary.json"
-            if (out / "bench_command.json").is_file() and summary.is_file() \
-                    and not json.loads(summary.read_text())["stopped_early"]:
+            if (out / "bench_command.json").is_file() and _finished(out):
                 seed = int(out.name[len("seed"):])
                 found[variant, seed] = read_run(out, variant, seed)
     return list(found.values())
 
 
-def write_results(args: argparse.Namespace, errors: list[dict], command: str) -> Path:
+def write_results(args: AccuracyConfig, errors: list[dict], command: str) -> Path:
     records = collect_finished(args) + errors
     present = {r["variant"] for r in records}
     variants = [v for v in VARIANTS if v in present or v in args.variant_list]  # a stable order
-    table = aggregate(records, variants)
     base = args.results / f"accuracy-{args.name}"
     base.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "command": command, "protocol": protocol(args), "variants": table,
+        "command": command, "protocol": protocol(args), "variants": aggregate(records, variants),
         "benchmark_commands": sorted({r["benchmark_command"] for r in records if r.get("benchmark_command")}),
         "runs": sorted(records, key=lambda r: (variants.index(r["variant"]), r["seed"])),
         "machine": {**environment(), "threads_per_run": args.threads, "jobs": args.jobs},
@@ -203,10 +247,10 @@ def write_results(args: argparse.Namespace, errors: list[dict], command: str) ->
     return base
 
 
-def protocol(args: argparse.Namespace) -> dict:
+def protocol(args: AccuracyConfig) -> dict:
     return {"recipe": args.recipe, "arch": "resnet20", "dataset": "fashion-mnist",
             "train_subset": args.train_subset, "test_images": 10000, "epochs": args.epochs,
-            "milestones": args.milestones, "amp": args.amp, "extra": args.extra,
+            "milestones": args.milestone_list, "amp": args.amp, "extra": args.extra,
             "score": "main-head test top-1 after the last epoch"}
 
 
@@ -238,13 +282,10 @@ def markdown(payload: dict) -> str:
     errors = [e for v in payload["variants"].values() for e in v["errors"]]
     if errors:
         lines += ["", "Failed runs: " + "; ".join(errors)]
-    lines += ["", "One run of each variant (seed 0):", "", "```"]
-    seen = set()
+    first: dict[str, str] = {}  # variant -> the command of its first run
     for r in payload["runs"]:
-        if r["variant"] not in seen:
-            seen.add(r["variant"])
-            lines.append(f"python {r['command']}")
-    lines += ["```", ""]
+        first.setdefault(r["variant"], r["command"])
+    lines += ["", "One run of each variant (seed 0):", "", "```", *(f"python {c}" for c in first.values()), "```", ""]
     return "\n".join(lines)
 
 
@@ -252,57 +293,46 @@ def plot(payload: dict, path: Path) -> None:
     variants = {k: v for k, v in payload["variants"].items() if v["n"]}
     if not variants:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; chosen at call time so importing this module changes nothing
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_curve, ax_kl) = plt.subplots(1, 3, figsize=(16, 0.5 * len(variants) + 3.5))
     names = list(variants)
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    color = {name: cmap(i % cmap.N) for i, name in enumerate(names)}  # one colour per variant everywhere
-    for y, name in enumerate(names):
-        v = variants[name]
-        ax_acc.scatter(v["main_top1"], [y] * v["n"], color="tab:gray", s=18, zorder=2)
-        ax_acc.errorbar(v["mean"], y, xerr=v["std"] or 0, fmt="o", color=color[name], capsize=4, zorder=3)
-        ax_acc.annotate(_fmt(v["mean"], v["std"]), (v["mean"], y), textcoords="offset points", xytext=(0, 7),
-                        ha="center", fontsize=8)
-    ax_acc.set_yticks(range(len(names)), names)
-    ax_acc.invert_yaxis()
-    ax_acc.set(title="main-head test top-1 after the last epoch (%)", xlabel="top-1 %")
-    ax_acc.grid(alpha=0.3, axis="x")
+    with figure(path, dpi=90, ncols=3, figsize=(16, 0.5 * len(variants) + 3.5)) as (fig, (ax_acc, ax_curve, ax_kl)):
+        import matplotlib
 
-    for name in names:
-        runs = [r for r in payload["runs"] if r["variant"] == name and "error" not in r]
-        curves = [r["curve_main_top1"] for r in runs]
-        n_ep = min(len(c) for c in curves)
-        mean = [statistics.fmean(c[e] for c in curves) for e in range(n_ep)]
-        ax_curve.plot(range(1, n_ep + 1), mean, marker=".", label=name, color=color[name])
-        kls = [r["curve_mean_kl"] for r in runs if r["curve_mean_kl"][0] is not None]
-        if kls:
-            kl = [math.exp(statistics.fmean(math.log(max(c[e], 1e-12)) for c in kls)) for e in range(n_ep)]
-            ax_kl.plot(range(1, n_ep + 1), kl, marker=".", label=name, color=color[name])
-    ax_curve.set(title="main-head test top-1 per epoch (mean over seeds)", xlabel="epoch", ylabel="top-1 %")
-    ax_kl.set(title="mean pairwise train KL per epoch (heads agreeing)", xlabel="epoch", yscale="log")
-    for ax in (ax_curve, ax_kl):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    p = payload["protocol"]
-    fig.suptitle(f"{p['arch']} / {p['dataset']} first {p['train_subset']:,} images / {p['epochs']} epochs / "
-                 f"amp {p['amp']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+        cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+        color = {name: cmap(i % cmap.N) for i, name in enumerate(names)}  # one colour per variant everywhere
+        for y, name in enumerate(names):
+            v = variants[name]
+            ax_acc.scatter(v["main_top1"], [y] * v["n"], color="tab:gray", s=18, zorder=2)
+            ax_acc.errorbar(v["mean"], y, xerr=v["std"] or 0, fmt="o", color=color[name], capsize=4, zorder=3)
+            ax_acc.annotate(_fmt(v["mean"], v["std"]), (v["mean"], y), textcoords="offset points", xytext=(0, 7),
+                            ha="center", fontsize=8)
+        ax_acc.set_yticks(range(len(names)), names)
+        ax_acc.invert_yaxis()
+        ax_acc.set(title="main-head test top-1 after the last epoch (%)", xlabel="top-1 %")
+        ax_acc.grid(alpha=0.3, axis="x")
+        for name in names:
+            runs = [r for r in payload["runs"] if r["variant"] == name and "error" not in r]
+            curves = [r["curve_main_top1"] for r in runs]
+            n_ep = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[e] for c in curves) for e in range(n_ep)]
+            ax_curve.plot(range(1, n_ep + 1), mean, marker=".", label=name, color=color[name])
+            kls = [r["curve_mean_kl"] for r in runs if r["curve_mean_kl"][0] is not None]
+            if kls:
+                kl = [math.exp(statistics.fmean(math.log(max(c[e], 1e-12)) for c in kls)) for e in range(n_ep)]
+                ax_kl.plot(range(1, n_ep + 1), kl, marker=".", label=name, color=color[name])
+        ax_curve.set(title="main-head test top-1 per epoch (mean over seeds)", xlabel="epoch", ylabel="top-1 %")
+        ax_kl.set(title="mean pairwise train KL per epoch (heads agreeing)", xlabel="epoch", yscale="log")
+        for ax in (ax_curve, ax_kl):
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        p = payload["protocol"]
+        fig.suptitle(f"{p['arch']} / {p['dataset']} first {p['train_subset']:,} images / {p['epochs']} epochs / "
+                     f"amp {p['amp']}")
 
 
 # ---------------------------------------------------------------------------- command line
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def _shell(cmd: list[str]) -> str:
-    return shlex.join(cmd)
 
 
 def _portable(argv: list[str]) -> list[str]:
@@ -317,86 +347,34 @@ def _portable(argv: list[str]) -> list[str]:
     return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke version: 2 epochs on 2,048 images, 1 seed")
-    p.add_argument("--variants", default="main", help="comma-separated variants or groups "
-                   f"({', '.join(GROUPS)}); variants: {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list "
-                   "('3,4'; '0,' for seed 0 alone)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--milestones", default=None, help="lr x0.1 epochs (default: half and three quarters)")
-    p.add_argument("--train-subset", type=int, default=10000)
-    p.add_argument("--amp", choices=("none", "bf16"), default="bf16")
-    p.add_argument("--recipe", default=RECIPE, help="base recipe; the flags above override it")
-    p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--no-channels-last'")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    p.add_argument("--jobs", type=int, default=1, help="runs at the same time")
-    p.add_argument("--name", help="results name (default e<epochs>-n<subset>-<amp>, or 'quick')")
-    p.add_argument("--runs", type=Path, default=Path("runs/accuracy"),
-                   help="run folders (relative paths are under the repository root)")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="JSON/MD/PNG folder")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.epochs, args.train_subset = 2, 2048
-        if args.seeds == "3":
-            args.seeds = "1"
-    if args.epochs < 1 or args.train_subset < 128 or args.threads < 1 or args.jobs < 1:
-        p.error("--epochs, --threads and --jobs must be >= 1 and --train-subset >= 128")
-    args.milestones = ([float(x) for x in args.milestones.split(",") if x.strip()] if args.milestones
-                       else sorted({float(m) for m in (round(args.epochs / 2), round(3 * args.epochs / 4))
-                                    if 0 < m < args.epochs}))
-    try:
-        args.seed_list = (list(range(int(args.seeds))) if "," not in args.seeds
-                          else [int(s) for s in args.seeds.split(",") if s.strip()])
-    except ValueError:
-        p.error(f"--seeds: expected a count or a comma-separated list, got {args.seeds!r}")
-    if not args.seed_list:
-        p.error("--seeds: no seed to run (a single number is a count; for seed 0 alone pass '0,')")
-    names: list[str] = []
-    for item in (s.strip() for s in args.variants.split(",") if s.strip()):
-        for v in GROUPS.get(item, [item]):
-            if v not in VARIANTS:
-                p.error(f"unknown variant {v!r}; choose from {', '.join([*GROUPS, *VARIANTS])}")
-            if v not in names:
-                names.append(v)
-    args.variant_list = names
-    if not args.name:
-        args.name = "quick" if args.quick else f"e{args.epochs}-n{args.train_subset}-{args.amp}"
-        if args.extra:  # other flags, another protocol: keep its runs apart
-            args.name += "-x" + hashlib.sha1(args.extra.encode()).hexdigest()[:8]
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = "python -m benchmarks.accuracy " + _shell(_portable(sys.argv[1:] if argv is None else argv))
+    return cli(lambda: benchmark(parse_args(argv), argv))
+
+
+def benchmark(args: AccuracyConfig, argv: list[str] | None) -> None:
+    jobs = [(v, s) for s in args.seed_list for v in args.variant_list]  # seed-major: every variant early
+    command = "python -m benchmarks.accuracy " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
     print(f"command: {command}", flush=True)
-    # seed-major order: partial results cover every variant early
-    jobs = [(v, s) for s in args.seed_list for v in args.variant_list]
     print(f"{len(jobs)} runs ({', '.join(args.variant_list)} x seeds {args.seed_list}), {args.jobs} at a "
           f"time, {args.threads} thread(s) each; runs in {args.runs / args.name}", flush=True)
     records: list[dict] = []
     lock = threading.Lock()
 
     def one(job: tuple[str, int]) -> None:
-        variant, seed = job
-        record = run_once(args, variant, seed, command)
+        record = run_once(args, *job, command)
         with lock:
             records.append(record)
             write_results(args, [r for r in records if "error" in r], command)
             status = record.get("error") or (f"main top-1 {record['main_top1']:.2f}%"
                                              + (" (reused)" if record["reused"] or not record["wall_seconds"]
                                                 else f" in {record['wall_seconds'] / 60:.1f} min"))
-            print(f"[{len(records)}/{len(jobs)}] {variant} seed {seed}: {status}", flush=True)
+            print(f"[{len(records)}/{len(jobs)}] {job[0]} seed {job[1]}: {status}", flush=True)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, jobs))
     base = write_results(args, [r for r in records if "error" in r], command)
     print(base.with_suffix(".md").read_text())
     print(f"wrote {base}.json, .md and .png")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,44 +1,33 @@
 """Loader throughput, side by side in one run (images/second, higher is better).
 
-1. ImageNet-like JPEG folder (generated: ~500x375 JPEGs of natural-looking texture, quality 90): the
-   training pipeline (random-resized-crop 224 + flip + normalise, batches of 64) of torchvision
-   (ImageFolder-style dataset + DataLoader workers), DALI in CPU mode and FFCV, all with the same
-   number of workers/threads. FFCV three times: "ffcv-jpg" stores every image as a quality-90 JPEG at
-   full resolution (like for like: every backend decodes a JPEG per image), "ffcv-proportion" stores
-   half of them as raw pixels (FFCV's ImageNet recipe; a bigger file, less decoding), "ffcv-raw-256"
-   stores raw pixels with the longer side at most 256 (no decoding at all; FFCV's low-resolution
-   training setup, where the crop is taken from a smaller image).
-2. 32x32 data (CIFAR-sized, random uint8): the in-memory loader (pipelines.memory: the whole set is
-   one tensor, pad-crop + flip + normalise on whole batches; NCHW and channels-last batches, the
-   trainer's default) against torchvision's per-sample
-   pipeline (a Dataset of PIL images with RandomCrop(32, padding=4) + flip + ToTensor + Normalize).
-
-Each loader runs one warm-up pass (FFCV compiles its pipeline then; DALI and the DataLoader start
-their threads/workers), then full epochs are timed until --seconds have passed. The main process
-runs torch with --torch-threads (default 1): the loaders' per-image work happens in their own
-workers/threads, and on a busy 2-core machine a second OpenMP thread in the main process stalls
-batch-level ops (a 600 KB copy measured 20x slower with 2 threads than with 1).
-
     python -m benchmarks.bench_loaders            # about 4 minutes on 2 cores
     python -m benchmarks.bench_loaders --quick    # about 1 minute
-Writes JSON and a PNG bar chart into --out-dir (default bench_out/).
+
+1. A generated ImageNet-like JPEG folder (~500x375 natural-looking texture, quality 90), random-resized
+   crop 224 + flip + normalise: torchvision (DataLoader workers), DALI in CPU mode and FFCV three ways.
+2. 32x32 random images in memory, pad-crop + flip + normalise: the in-memory loader (pipelines.memory;
+   NCHW and channels-last) against torchvision's per-sample PIL pipeline.
+Every loader gets the same workers/threads and one untimed warm-up epoch; then whole epochs are timed
+for --seconds. JSON and a PNG bar chart go to --out-dir. The figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import environment
-from pipelines.base import LoaderConfig
+from benchmarks.common import environment, figure, option, parse_settings
+from pipelines import LoaderConfig, create_loaders
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -88,62 +77,48 @@ def throughput(loader, seconds: float) -> dict:
     t0 = time.perf_counter()
     for _ in loader:
         pass
-    warmup = time.perf_counter() - t0
-    images, epochs = 0, 0
     start = time.perf_counter()
-    while True:
-        loader.set_epoch(epochs + 1)
-        for batch, _ in loader:
-            images += batch.shape[0]
+    images = epochs = 0
+    while epochs == 0 or time.perf_counter() - start < seconds:
         epochs += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
+        loader.set_epoch(epochs)
+        images += sum(batch.shape[0] for batch, _ in loader)
+    elapsed = time.perf_counter() - start
     return {"images_per_s": images / elapsed, "images": images, "seconds": elapsed, "epochs": epochs,
-            "warmup_s": warmup}
+            "warmup_s": start - t0}
 
 
 def bench_jpeg(root: Path, workers: int, seconds: float, batch_size: int, out_dir: Path) -> dict:
-    cfg = LoaderConfig(dataset="imagenet", data_dir=str(root), batch_size=batch_size, num_workers=workers,
-                       cache_dir=str(out_dir / "cache"))
     results: dict[str, dict] = {}
-
-    from pipelines.torchvision_loader import create_torchvision_loaders
-    train, _ = create_torchvision_loaders(cfg)
-    results["torchvision"] = throughput(train, seconds)
-    print_row("torchvision", results["torchvision"])
-
-    try:
-        from pipelines.dali import create_dali_loaders
-        train, _ = create_dali_loaders(cfg)
-        results["dali-cpu"] = throughput(train, seconds)
-        print_row("dali-cpu", results["dali-cpu"])
-        train.close()
-    except ImportError as e:
-        print(f"dali-cpu: skipped ({e})")
-
-    # (name, write mode, longest side stored): like for like (JPEGs at full size), FFCV's ImageNet
-    # storage recipe (half raw), and raw pixels at 256 px (no decoding; FFCV's low-res training setup).
-    for name, mode, max_res in (("ffcv-jpg", "jpg", None), ("ffcv-proportion", "proportion", None),
-                                ("ffcv-raw-256", "raw", 256)):
+    # name, backend, and for FFCV how it stores images (write mode, longest side): like for like (every
+    # image a JPEG at full size), FFCV's ImageNet recipe (half raw pixels), and raw pixels at most 256 px
+    # (no decoding at all; FFCV's low-resolution training setup).
+    for name, backend, mode, max_res in (
+            ("torchvision", "torchvision", None, None), ("dali-cpu", "dali", None, None),
+            ("ffcv-jpg", "ffcv", "jpg", None), ("ffcv-proportion", "ffcv", "proportion", None),
+            ("ffcv-raw-256", "ffcv", "raw", 256)):
+        cfg = LoaderConfig(backend=backend, dataset="imagenet", data_dir=str(root), batch_size=batch_size,
+                           num_workers=workers, cache_dir=str(out_dir / "cache"))
+        beton = root.parent / f"{root.name}-{name}" / "train.beton"
         try:
-            from pipelines.ffcv import create_ffcv_loaders
-            from pipelines.ffcv_convert import convert
+            if backend == "ffcv" and not beton.is_file():
+                from pipelines.ffcv_convert import convert
+
+                t0 = time.perf_counter()
+                convert(str(root), str(beton.parent), write_mode=mode, max_resolution=max_res, jpeg_quality=90,
+                        compress_probability=0.5, num_workers=workers, splits=("train",), cache_dir=cfg.cache_dir)
+                print(f"{name} conversion: {time.perf_counter() - t0:.1f} s")
+            cfg.train_beton = cfg.val_beton = str(beton) if backend == "ffcv" else None
+            train, val = create_loaders(cfg)
         except ImportError as e:
             print(f"{name}: skipped ({e})")
             continue
-        beton_dir = root.parent / f"{root.name}-{name}"
-        if not (beton_dir / "train.beton").is_file():
-            t0 = time.perf_counter()
-            convert(str(root), str(beton_dir), write_mode=mode, max_resolution=max_res, jpeg_quality=90,
-                    compress_probability=0.5, num_workers=workers, splits=("train",),
-                    cache_dir=str(out_dir / "cache"))
-            print(f"{name} conversion: {time.perf_counter() - t0:.1f} s")
-        cfg.train_beton = cfg.val_beton = str(beton_dir / "train.beton")
-        train, _ = create_ffcv_loaders(cfg)
         results[name] = throughput(train, seconds)
-        results[name]["beton_mb"] = (beton_dir / "train.beton").stat().st_size / 1e6
+        if backend == "ffcv":
+            results[name]["beton_mb"] = beton.stat().st_size / 1e6
         print_row(name, results[name])
+        train.close()
+        val.close()
     return results
 
 
@@ -154,10 +129,8 @@ class _PerSampleCifar(torch.utils.data.Dataset):
         from torchvision import transforms as T
 
         self.images, self.labels = images, labels
-        self.transform = T.Compose([
-            T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-            T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-        ])
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(CIFAR_MEAN, CIFAR_STD)])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -166,17 +139,9 @@ class _PerSampleCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-class _Epochs:
-    """Gives a plain DataLoader the loader contract's set_epoch (a no-op here)."""
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
-
+class _EpochDataLoader(torch.utils.data.DataLoader):
     def set_epoch(self, epoch: int) -> None:
-        pass
+        """The loader contract's call; a plain DataLoader reshuffles by itself."""
 
 
 def bench_small(num_images: int, workers: int, seconds: float, batch_size: int) -> dict:
@@ -189,14 +154,13 @@ def bench_small(num_images: int, workers: int, seconds: float, batch_size: int) 
     results = {}
     split = ArraySplit(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
     for name, channels_last in (("memory", False), ("memory-channels-last", True)):
-        memory = MemoryLoader(split, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), batch_size=batch_size,
-                              train=True, padding=4, channels_last=channels_last)
+        memory = MemoryLoader(split, CIFAR_MEAN, CIFAR_STD, batch_size=batch_size, train=True, padding=4,
+                              channels_last=channels_last)
         results[name] = throughput(memory, seconds)
         print_row(f"{name} (32x32)", results[name])
-    per_sample = torch.utils.data.DataLoader(_PerSampleCifar(images, labels), batch_size=batch_size,
-                                             shuffle=True, num_workers=workers, drop_last=True,
-                                             persistent_workers=workers > 0)
-    results["torchvision"] = throughput(_Epochs(per_sample), seconds)
+    per_sample = _EpochDataLoader(_PerSampleCifar(images, labels), batch_size=batch_size, shuffle=True,
+                                  num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    results["torchvision"] = throughput(per_sample, seconds)
     print_row("torchvision (32x32)", results["torchvision"])
     return results
 
@@ -209,46 +173,41 @@ def print_row(name: str, r: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    with figure(path, ncols=2, figsize=(10, 4)) as (fig, axes):
+        for ax, key, title in ((axes[0], "jpeg_folder", "ImageNet-like JPEGs, RRC 224 + flip"),
+                               (axes[1], "small_32x32", "32x32 images, pad-crop + flip")):
+            rows = report[key]
+            names = ["torchvision"] + [n for n in rows if n != "torchvision"]  # the baseline first, in grey
+            values = [rows[n]["images_per_s"] for n in names]
+            bars = ax.bar(names, values, color=["#888888"] + ["#2a7ab9"] * (len(names) - 1))
+            for bar, v in zip(bars, values, strict=True):
+                ax.annotate(f"{v:,.0f}\n({v / rows['torchvision']['images_per_s']:.1f}x)",
+                            (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
+            ax.tick_params(axis="x", labelrotation=20)  # long backend names would overlap
+            ax.set_title(title, fontsize=10)
+            ax.set_ylabel("images / second")
+            ax.set_yscale("log" if key == "small_32x32" else "linear")
+            ax.margins(y=0.25)
+        fig.suptitle(f"Loader throughput, {report['workers']} workers/threads, "
+                     f"{report['environment']['cpu_count']} x {report['environment']['cpu_model']}", fontsize=10)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "jpeg_folder", "ImageNet-like JPEGs, RRC 224 + flip"),
-                           (axes[1], "small_32x32", "32x32 images, pad-crop + flip")):
-        rows = report[key]
-        names = ["torchvision"] + [n for n in rows if n != "torchvision"]  # the baseline first, in grey
-        values = [rows[n]["images_per_s"] for n in names]
-        bars = ax.bar(names, values, color=["#888888"] + ["#2a7ab9"] * (len(names) - 1))
-        base = rows["torchvision"]["images_per_s"]
-        for bar, v in zip(bars, values, strict=True):
-            ax.annotate(f"{v:,.0f}\n({v / base:.1f}x)", (bar.get_x() + bar.get_width() / 2, v),
-                        ha="center", va="bottom", fontsize=9)
-        ax.tick_params(axis="x", labelrotation=20)  # long backend names would overlap
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("images / second")
-        ax.set_yscale("log" if key == "small_32x32" else "linear")
-        ax.margins(y=0.25)
-    fig.suptitle(f"Loader throughput, {report['workers']} workers/threads, "
-                 f"{report['environment']['cpu_count']} x {report['environment']['cpu_model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+@dataclass
+class LoaderBenchConfig:
+    quick: bool = option(False, "fewer images and shorter timing (about 1 minute)")
+    images: int | None = option(None, "JPEGs to generate (default 2000, quick 400)")
+    seconds: float | None = option(None, "timed seconds per loader (default 20, quick 4)")
+    torch_threads: int = option(1, "torch threads of the main process: the loaders work in their own workers, "
+                                "and on a busy 2-core machine a second OpenMP thread here stalls batch-level "
+                                "ops (a 600 KB copy measured 20x slower)")
+    workers: int = option(2, "workers / threads for every loader")
+    batch_size: int = option(64)
+    data_dir: str | None = option(None, "where to generate the JPEG folder (default OUT/jpeg-N)")
+    out_dir: str = option("bench_out")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_loaders",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer images and shorter timing (about 1 minute)")
-    p.add_argument("--images", type=int, default=None, help="JPEGs to generate (default 2000, quick 400)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="timed seconds per loader (default 20, quick 4)")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the main process")
-    p.add_argument("--workers", type=int, default=2, help="workers / threads for every loader")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--data-dir", default=None, help="where to generate the JPEG folder (default OUT/jpeg-N)")
-    p.add_argument("--out-dir", default="bench_out")
-    args = p.parse_args(argv)
+    args = parse_settings(LoaderBenchConfig, "benchmarks.bench_loaders", __doc__, argv)
     num_images = args.images or (400 if args.quick else 2000)
     seconds = args.seconds or (4.0 if args.quick else 20.0)
     out_dir = Path(args.out_dir)
@@ -263,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     small = bench_small(n_small, args.workers, seconds, 128)
     report = {
         "environment": environment("cpu", "benchmarks.bench_loaders", argv),  # taken after the timing
-        "workers": args.workers,
-        "jpeg_folder": jpeg,
-        "small_32x32": small,
+        "workers": args.workers, "jpeg_folder": jpeg, "small_32x32": small,
         "speedup_vs_torchvision": {key: {k: v["images_per_s"] / rows["torchvision"]["images_per_s"]
                                          for k, v in rows.items()}
                                    for key, rows in (("jpeg_folder", jpeg), ("small_32x32", small))},

@@ -18,13 +18,14 @@ import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from dhm_fast.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -150,9 +151,9 @@ def option(default: Any, help: str = "", choices: tuple | None = None, ge: float
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "ge": ge})
 
 
-def build_parser(settings: type, module: str, doc: str) -> argparse.ArgumentParser:
-    """`python -m MODULE`'s flags, one per field of the dataclass `settings`; `doc`'s first paragraph
-    describes the command."""
+def parse_settings(settings: type[T], module: str, doc: str, argv: Sequence[str] | None) -> T:
+    """The dataclass `settings` from `python -m MODULE`'s command line `argv` (None: sys.argv): one flag
+    per field; `doc`'s first paragraph describes the command."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(settings)
@@ -165,7 +166,7 @@ def build_parser(settings: type, module: str, doc: str) -> argparse.ArgumentPars
         long_choices = meta["choices"] and len(meta["choices"]) > 6  # a metavar keeps the usage line short
         p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"] or " ",
                        metavar=f.name.upper() if long_choices else None)
-    return p
+    return settings(**vars(p.parse_args(argv)))
 
 
 def check(settings: Any) -> None:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks.common import build_parser, cli, option
+from benchmarks.common import cli, option, parse_settings
 from benchmarks.throughput_report import SCHEMA
 
 # Training-set sizes (images per epoch).
@@ -205,7 +205,7 @@ class CostConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = CostConfig(**vars(build_parser(CostConfig, "benchmarks.cost", __doc__).parse_args(argv)))
+    args = parse_settings(CostConfig, "benchmarks.cost", __doc__, argv)
     return cli(lambda: report(args))
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from benchmarks import flops as flopcount
 from benchmarks import throughput_report as report
-from benchmarks.common import build_parser, check, cli, device_name, log, max_rss_bytes, option, sync
+from benchmarks.common import check, cli, device_name, log, max_rss_bytes, option, parse_settings, sync
 from dhm_fast import distributed, precision
 from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, step_parts, train_one_epoch, train_step
@@ -372,8 +372,8 @@ def profile_all(benches: list[Bench], batches: Iterator, steps: int, device: tor
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(BenchConfig, "benchmarks.throughput", __doc__).parse_args(argv)
-    return cli(lambda: run(BenchConfig(**vars(args)), argv))
+    cfg = parse_settings(BenchConfig, "benchmarks.throughput", __doc__, argv)
+    return cli(lambda: run(cfg, argv))
 
 
 if __name__ == "__main__":

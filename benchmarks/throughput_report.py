@@ -92,19 +92,17 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
     targets = evaluate_targets(rows)
     for row in rows:
         del row["_block"], row["_realised"]
+    d = base.parts.optimizer.defaults
+    kernels = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
     return {
         "schema": SCHEMA,
         "config": {**dataclasses.asdict(cfg), "device": str(device), "loader": loader_name,
-                   "optimizer_kernels": optimizer_kernels(base.parts.optimizer)},
+                   "optimizer_kernels": kernels},
         "environment": environment(device, "benchmarks.throughput", argv),
-        "loss_backend": loss_backend,
-        "methods": rows,
-        "targets": targets,
-        "telemetry": telemetry.summary(),
+        "loss_backend": loss_backend, "methods": rows, "targets": targets, "telemetry": telemetry.summary(),
         "memory": {"peak_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a (CPU)",
                    "process_rss_growth_bytes": None},
-        "profile_traces": traces,
-        "notes": NOTES,
+        "profile_traces": traces, "notes": NOTES,
     }
 
 
@@ -135,11 +133,6 @@ def evaluate_targets(rows: list[dict]) -> dict[str, Any]:
                                                         "target": TARGET_SAMPLING_EFFICIENCY,
                                                         "pass": value >= TARGET_SAMPLING_EFFICIENCY}
     return out
-
-
-def optimizer_kernels(optimizer: torch.optim.Optimizer) -> str:
-    d = optimizer.defaults
-    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
 
 
 def pattern_name(p: tuple[bool, ...]) -> str:
