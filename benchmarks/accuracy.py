@@ -236,7 +236,12 @@ def write_results(args: AccuracyConfig, errors: list[dict], command: str) -> Pat
     base = args.results / f"accuracy-{args.name}"
     base.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "command": command, "protocol": protocol(args), "variants": aggregate(records, variants),
+        "command": command,
+        "protocol": {"recipe": args.recipe, "arch": "resnet20", "dataset": "fashion-mnist",
+                     "train_subset": args.train_subset, "test_images": 10000, "epochs": args.epochs,
+                     "milestones": args.milestone_list, "amp": args.amp, "extra": args.extra,
+                     "score": "main-head test top-1 after the last epoch"},
+        "variants": aggregate(records, variants),
         "benchmark_commands": sorted({r["benchmark_command"] for r in records if r.get("benchmark_command")}),
         "runs": sorted(records, key=lambda r: (variants.index(r["variant"]), r["seed"])),
         "machine": {**environment(), "threads_per_run": args.threads, "jobs": args.jobs},
@@ -247,17 +252,8 @@ def write_results(args: AccuracyConfig, errors: list[dict], command: str) -> Pat
     return base
 
 
-def protocol(args: AccuracyConfig) -> dict:
-    return {"recipe": args.recipe, "arch": "resnet20", "dataset": "fashion-mnist",
-            "train_subset": args.train_subset, "test_images": 10000, "epochs": args.epochs,
-            "milestones": args.milestone_list, "amp": args.amp, "extra": args.extra,
-            "score": "main-head test top-1 after the last epoch"}
-
-
 def _fmt(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+    return "-" if mean is None else f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
 def markdown(payload: dict) -> str:

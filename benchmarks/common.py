@@ -160,11 +160,12 @@ def parse_settings(settings: type[T], module: str, doc: str, argv: Sequence[str]
     for f in dataclasses.fields(settings):
         flag, meta, hint = "--" + f.name.replace("_", "-"), f.metadata, hints[f.name]
         kind = next(t for t in (bool, int, float, Path, str) if t is hint or t in typing.get_args(hint))
+        text = meta["help"] or "(default: %(default)s)"  # argparse would show neither help nor default
         if kind is bool:
-            p.add_argument(flag, action="store_true", help=meta["help"] or " ")
+            p.add_argument(flag, action="store_true", help=text)
             continue
         long_choices = meta["choices"] and len(meta["choices"]) > 6  # a metavar keeps the usage line short
-        p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"] or " ",
+        p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], help=text,
                        metavar=f.name.upper() if long_choices else None)
     return settings(**vars(p.parse_args(argv)))
 

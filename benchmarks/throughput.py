@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from benchmarks import flops as flopcount
 from benchmarks import throughput_report as report
 from benchmarks.common import check, cli, device_name, log, max_rss_bytes, option, parse_settings, sync
+from benchmarks.flops import Pattern
 from dhm_fast import distributed, precision
 from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, step_parts, train_one_epoch, train_step
@@ -44,7 +45,6 @@ from pipelines import Loader, LoaderConfig, create_loaders
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_VARIANTS = "baseline,dsl,dks,dhm,dhm-p0.5"
 LOADERS = ("synthetic", "memory", "torchvision", "dali", "ffcv", "auto")
-Pattern = tuple[bool, ...]
 FULL = {"warmup": 3, "steps": 5, "repeats": 8}
 QUICK = {"warmup": 1, "steps": 2, "repeats": 2}
 
@@ -145,11 +145,8 @@ def endless(loader: Loader, device: torch.device) -> Iterator[tuple[Tensor, Tens
 
 
 def timed(batches: Iterator, n: int, stamps: list[float], device: torch.device) -> Iterator:
-    """Yield n batches, stamping the clock (after a device sync) before each one and after the last.
-
-    The engine runs one whole step between two of our yields, so consecutive stamps bracket
-    exactly one step, data loading included; no hook into the engine is needed.
-    """
+    """Yield n batches, stamping the clock (after a device sync) before each one and after the last: the
+    engine runs one whole step between two yields, so two stamps bracket one step, data loading included."""
     for _ in range(n):
         sync(device)
         stamps.append(time.perf_counter())
