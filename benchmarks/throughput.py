@@ -40,11 +40,10 @@ from dhm_fast.optim import OPTIMIZER_IMPLS, build_optimizer
 from dhm_fast.run import build_model
 from dhm_fast.sampling import BranchSampler
 from dhm_fast.telemetry import for_device
-from pipelines import Loader, LoaderConfig, create_loaders
+from pipelines import BACKENDS, Loader, LoaderConfig, create_loaders
 
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_VARIANTS = "baseline,dsl,dks,dhm,dhm-p0.5"
-LOADERS = ("synthetic", "memory", "torchvision", "dali", "ffcv", "auto")
 FULL = {"warmup": 3, "steps": 5, "repeats": 8}
 QUICK = {"warmup": 1, "steps": 2, "repeats": 2}
 
@@ -89,7 +88,7 @@ class BenchConfig:
     channels_last: bool = option(False)
     compile: bool = option(False, "torch.compile each model (compiled in warm-up)")
     loader: str = option("synthetic", "synthetic: random batches on the device (model only); any other: that "
-                         "real data backend (end to end)", LOADERS)
+                         "real data backend (end to end)", BACKENDS)
     dataset: str = option("imagenet", "for a real loader")
     data_dir: str | None = option(None, "for a real loader")
     num_workers: int = option(2, ge=0)
