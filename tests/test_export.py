@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torchvision
 from torch import nn
 
 from dhm_fast.export import from_release, strip_branches, to_torchvision
-from dhm_fast.models import create_model, param_counts
+from dhm_fast.models import IMAGENET_ARCHS, MODEL_NAMES, create_model, param_counts
 
 FAMILIES = [("resnet18", 32), ("resnet20", 16), ("wrn_16_8", 8), ("densenet_bc_100_12", 8)]
 
@@ -27,16 +30,6 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
             m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (), generator=g)))
     return model
-
-
-def to_release_naming(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of from_release: ``aux2.layer3.0.conv1.weight`` -> ``module.layer3_head2.0.conv1.weight``."""
-    out = {}
-    for key, value in state.items():
-        match = re.match(r"^aux([12])\.([a-z0-9]+)\.(.+)$", key)
-        new = f"{match.group(2)}_head{match.group(1)}.{match.group(3)}" if match else key
-        out["module." + new] = value
-    return out
 
 
 # ---------------------------------------------------------------------------- strip_branches
@@ -111,83 +104,113 @@ def test_to_torchvision_rejects_other_archs_and_channels():
 
 # ---------------------------------------------------------------------------- from_release
 
-# Names read from the authors' release, one per branch stage kind and family.
-RELEASE_KEYS = {
-    "resnet18": [
-        "layer3_head2.0.downsample.0.weight",
-        "layer4_head2.1.bn2.running_var",
-        "fc_head2.bias",
-        "layer4_head1.1.conv2.weight",
-        "fc_head1.weight",
-        "layer4.1.bn2.weight",
-    ],
-    "resnet20": [
-        "layer2_head2.0.conv1.weight",
-        "layer3_head2.1.bn2.bias",
-        "layer3_head1.2.conv2.weight",
-        "fc_head1.weight",
-        "layer3.2.bn2.running_mean",
-    ],
-    "wrn_16_8": [
-        "conv.weight",
-        "layer2_head2.0.shortcut.weight",
-        "bn_head2.weight",
-        "layer3_head1.1.bn1.weight",
-        "bn_head1.running_mean",
-        "fc_head1.weight",
-        "bn.bias",
-    ],
-    "densenet_bc_100_12": [
-        "transition2_head2.conv.weight",
-        "layer3_head2.15.conv2.weight",
-        "layer3_head1.31.bn1.weight",
-        "bn_head1.weight",
-        "transition1.bn.weight",
-    ],
-}
+# Ground truth: the state-dict keys and shapes of the authors' released models (one TSV per
+# architecture, read off their model code; first line a comment naming the class count, then
+# "key<TAB>shape" with shape "AxBx..." or "scalar"). Nothing here is derived from our renaming.
+RELEASE_KEYS_DIR = Path(__file__).parent / "data" / "release_keys"
+RELEASED_ARCHS = sorted(p.stem for p in RELEASE_KEYS_DIR.glob("*.tsv"))
 
 
-@pytest.mark.parametrize("arch", sorted(RELEASE_KEYS))
-@pytest.mark.parametrize("check_arch", [False, True])
-def test_from_release_round_trip(arch, check_arch):
-    torch.manual_seed(0)
-    model = _randomize(create_model(arch, 10))
+@functools.cache
+def release_keys(arch: str) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """(class count, released key -> shape) of one released architecture, in the release's order."""
+    lines = (RELEASE_KEYS_DIR / f"{arch}.tsv").read_text().splitlines()
+    classes = re.search(r"\((\d+) classes\)", lines[0])
+    assert lines[0].startswith("#") and classes, lines[0]
+    shapes = {}
+    for line in lines[1:]:
+        key, shape = line.split("\t")
+        assert key not in shapes, key
+        shapes[key] = () if shape == "scalar" else tuple(int(n) for n in shape.split("x"))
+    return int(classes.group(1)), shapes
+
+
+def released_state(arch: str, *, device: str = "meta", prefix: str = "module.", seed: int = 0,
+                   drop: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
+    """A checkpoint in the release's naming and shapes (random values unless on the meta device)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, (key, shape) in enumerate(release_keys(arch)[1].items()):
+        if drop(key):
+            continue
+        if device == "meta":
+            value = torch.empty(shape, device="meta", dtype=torch.long if key.endswith("tracked") else None)
+        elif key.endswith("num_batches_tracked"):
+            value = torch.tensor(1000 + i)  # distinct per key, so a test can tell counters apart
+        else:
+            value = torch.randn(shape, generator=g)
+        state[prefix + key] = value
+    return state
+
+
+def test_release_key_files_cover_every_paper_architecture():
+    assert set(RELEASED_ARCHS) == set(MODEL_NAMES) - {"resnet20"}  # ResNet-20 is ours, not released
+    for arch in RELEASED_ARCHS:
+        classes, shapes = release_keys(arch)
+        assert classes == (1000 if arch in IMAGENET_ARCHS else 100)
+        assert shapes["fc.weight"][0] == classes
+
+
+@pytest.mark.parametrize("arch", RELEASED_ARCHS)
+def test_every_released_key_maps_one_to_one_onto_ours_with_its_shape(arch):
+    classes, _ = release_keys(arch)
+    release = released_state(arch)
+    with torch.device("meta"):
+        model = create_model(arch, classes)
     ours = model.state_dict()
-    release = to_release_naming(ours)
-    for key in RELEASE_KEYS[arch]:
-        assert "module." + key in release
-    converted = from_release(release, arch=arch if check_arch else None)
-    assert list(converted) == list(ours)
-    fresh = create_model(arch, 10)
-    fresh.load_state_dict(converted, strict=True)
-    for key, value in fresh.state_dict().items():
-        assert torch.equal(value, ours[key]), key
+    renamed = from_release(release)  # renaming alone: no filling-in of anything missing
+    assert len(renamed) == len(release)  # no two released keys collapse onto one of ours
+    assert sorted(set(renamed) - set(ours)) == []  # every released key is one of ours
+    assert sorted(set(ours) - set(renamed)) == []  # every one of ours comes from the release
+    wrong = {k: (tuple(v.shape), tuple(ours[k].shape)) for k, v in renamed.items() if v.shape != ours[k].shape}
+    assert wrong == {}
+    # Checked against the arch: the same tensors (not copies) under the same names, and a strict load.
+    checked = from_release(release, arch=arch)
+    assert {k: id(v) for k, v in checked.items()} == {k: id(v) for k, v in renamed.items()}
+    model.load_state_dict(checked, strict=True)
+
+
+@pytest.mark.parametrize("arch", ["resnet32", "densenet_40_12"])
+def test_released_values_land_in_our_model(arch):
+    classes, _ = release_keys(arch)
+    release = released_state(arch, device="cpu", prefix="")
+    model = create_model(arch, classes)
+    model.load_state_dict(from_release(release, arch=arch), strict=True)
+    ours = model.state_dict()
+    # Each released tensor appears exactly once among ours (values are distinct random draws).
+    unmatched = [k for k, v in release.items() if sum(torch.equal(v, w) for w in ours.values()
+                                                      if w.shape == v.shape) != 1]
+    assert unmatched == []
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, 32, 32), all_heads=True)
+    assert len(out) == 3 and all(o.shape == (1, classes) for o in out)
 
 
 def test_from_release_accepts_unprefixed_and_checkpoint_dicts():
-    ours = create_model("resnet20", 10).state_dict()
-    release = {k.removeprefix("module."): v for k, v in to_release_naming(ours).items()}
-    assert list(from_release(release)) == list(ours)
-    assert list(from_release({"state_dict": release, "epoch": 3})) == list(ours)
+    prefixed = list(from_release(released_state("resnet32")))
+    assert list(from_release(released_state("resnet32", prefix=""))) == prefixed
+    assert list(from_release({"state_dict": released_state("resnet32"), "epoch": 3})) == prefixed
 
 
 def test_from_release_baseline_checkpoint():
-    ours = create_model("densenet_40_12", 10, method="baseline").state_dict()
-    converted = from_release(to_release_naming(ours), arch="densenet_40_12")
-    create_model("densenet_40_12", 10, method="baseline").load_state_dict(converted, strict=True)
+    # A baseline run of the release saves the trunk only.
+    release = released_state("densenet_40_12", drop=lambda key: "_head" in key)
+    converted = from_release(release, arch="densenet_40_12")
+    with torch.device("meta"):
+        create_model("densenet_40_12", 100, method="baseline").load_state_dict(converted, strict=True)
 
 
 def test_from_release_fills_missing_batch_counters():
     # Checkpoints from PyTorch < 0.4.1 have no num_batches_tracked buffers.
-    ours = create_model("resnet20", 10, in_channels=1).state_dict()
-    old = {k: v for k, v in to_release_naming(ours).items() if not k.endswith("num_batches_tracked")}
-    converted = from_release(old, arch="resnet20")
+    old = released_state("resnet32", device="cpu", drop=lambda key: key.endswith("num_batches_tracked"))
+    old["module.conv1.weight"] = torch.randn(16, 1, 3, 3)  # a grayscale model: channels read from the weights
+    converted = from_release(old, arch="resnet32")
     assert converted["aux1.layer3.0.bn1.num_batches_tracked"].dtype == torch.long
-    create_model("resnet20", 10, in_channels=1).load_state_dict(converted, strict=True)
+    create_model("resnet32", 100, in_channels=1).load_state_dict(converted, strict=True)
 
 
 def test_from_release_unknown_key_is_named():
-    release = to_release_naming(create_model("resnet20", 10).state_dict())
+    release = released_state("resnet32")
     release["module.layer3_head3.0.conv1.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"unexpected key 'module\.layer3_head3\.0\.conv1\.weight'"):
         from_release(release)
@@ -196,14 +219,13 @@ def test_from_release_unknown_key_is_named():
 
 
 def test_from_release_checks_against_arch():
-    release = to_release_naming(create_model("resnet20", 10).state_dict())
-    with pytest.raises(ValueError, match="unexpected key 'layer1.3.conv1.weight' for arch 'resnet20'"):
-        from_release(to_release_naming(create_model("resnet32", 10).state_dict()), arch="resnet20")
+    with pytest.raises(ValueError, match="unexpected key 'layer1.5.conv1.weight' for arch 'resnet32'"):
+        from_release(released_state("resnet110"), arch="resnet32")
     with pytest.raises(ValueError, match="lacks 'layer1.2.conv1.weight'"):
-        from_release({k: v for k, v in release.items() if "layer1.2.conv1" not in k}, arch="resnet20")
-    bad = dict(release)
-    bad["module.fc_head1.weight"] = torch.zeros(10, 64)
-    with pytest.raises(ValueError, match=r"shape of 'aux1.fc.weight' is \(10, 64\)"):
-        from_release(bad, arch="resnet20")
+        from_release(released_state("resnet32", drop=lambda key: key.startswith("layer1.2.conv1")), arch="resnet32")
+    bad = released_state("resnet32")
+    bad["module.fc_head1.weight"] = torch.zeros(100, 64)
+    with pytest.raises(ValueError, match=r"shape of 'aux1.fc.weight' is \(100, 64\)"):
+        from_release(bad, arch="resnet32")
     with pytest.raises(ValueError, match="unknown arch 'resnet21'"):
-        from_release(release, arch="resnet21")
+        from_release(released_state("resnet32"), arch="resnet21")

@@ -8,12 +8,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from dhm_fast.models import MODEL_NAMES, create_model, param_counts
 
-# REFERENCE.md section 3: (classes, total with both branches, trunk alone) of the release.
+# (classes, total with both branches, trunk alone) of the authors' released architectures.
 RELEASE_COUNTS = {
     "resnet18": (1000, 53_483_512, 11_689_512),
     "resnet34": (1000, 84_831_480, 21_797_672),
@@ -107,17 +110,131 @@ def test_unknown_arch_message_lists_choices():
         assert name in str(err.value)
 
 
+@functools.cache
+def _meta_model(arch: str, classes: int, method: str = "dhm") -> nn.Module:
+    """A model on the meta device (no memory, no values): built once, it takes seconds for resnet1202."""
+    with torch.device("meta"):
+        return create_model(arch, classes, method=method)
+
+
 @pytest.mark.parametrize("arch", sorted(RELEASE_COUNTS))
 def test_parameter_counts_equal_release(arch):
     classes, total, trunk = RELEASE_COUNTS[arch]
-    with torch.device("meta"):  # no allocation or init: resnet1202 / wrn_28_10 stay cheap
-        full = create_model(arch, classes)
+    full = _meta_model(arch, classes)  # meta: no allocation, resnet1202 / wrn_28_10 stay cheap
+    with torch.device("meta"):
         base = create_model(arch, classes, method="baseline")
     assert param_counts(full) == (total, trunk)
     assert param_counts(base) == (trunk, trunk)
     assert not [n for n, _ in base.named_parameters() if n.startswith("aux")]
     assert (full.num_heads, full.head_names) == (3, ("main", "aux1", "aux2"))
     assert (base.num_heads, base.head_names) == (1, ("main",))
+
+
+# Forward FLOPs per image of the released architectures: the whole network with its three heads,
+# batch 1, eval-mode BN, counted by torch.utils.flop_counter.FlopCounterMode on the authors' model
+# code (ImageNet models at 224 px with 1000 classes, CIFAR models at 32 px with 100). A wrong stride,
+# kernel or branch placement changes them even when the parameter count stays.
+RELEASE_FLOPS = {
+    "resnet18": 7_844_397_056,
+    "resnet34": 14_318_305_280,
+    "resnet50": 16_642_703_360,
+    "resnet101": 27_997_732_864,
+    "resnet152": 38_042_566_656,
+    "resnet32": 383_141_888,
+    "resnet110": 1_336_297_472,
+    "resnet1202": 15_076_837_376,
+    "wrn_16_8": 8_599_617_536,
+    "wrn_28_10": 29_466_382_336,
+    "densenet_40_12": 1_004_739_264,
+    "densenet_100_12": 6_084_566_400,
+    "densenet_bc_100_12": 1_362_522_000,
+}
+# (channels, height, width) of the feature map each head pools for its classifier, at those sizes.
+# Every head down-samples as much as the main path (7x7 at 224 px, 8x8 at 32 px). ResNet and WRN:
+# aux1 is twice the last stage's width. DenseNet channels: stem 16 (BC: 2 x growth 12), every dense
+# layer adds 12 (aux1: 3 x 12), transitions keep (BC: halve) the channels; e.g. DenseNet-40-12,
+# 12 layers a stage: main 16 + 3 x 144 = 448, aux2 160 + 144 then 6 x 12 = 376, aux1 304 + 12 x 36 = 736.
+
+
+def _resnet_heads(side: int, channels: int) -> dict[str, tuple[int, int, int]]:
+    """ResNet / WRN heads: aux2 as wide as the main path, aux1 twice as wide, all at the same side."""
+    return {"main": (channels, side, side), "aux1": (2 * channels, side, side), "aux2": (channels, side, side)}
+
+
+HEAD_FEATURES = {
+    "resnet18": _resnet_heads(7, 512),
+    "resnet34": _resnet_heads(7, 512),
+    "resnet50": _resnet_heads(7, 2048),
+    "resnet101": _resnet_heads(7, 2048),
+    "resnet152": _resnet_heads(7, 2048),
+    "resnet32": _resnet_heads(8, 64),
+    "resnet110": _resnet_heads(8, 64),
+    "resnet1202": _resnet_heads(8, 64),
+    "wrn_16_8": _resnet_heads(8, 512),
+    "wrn_28_10": _resnet_heads(8, 640),
+    "densenet_40_12": {"main": (448, 8, 8), "aux1": (736, 8, 8), "aux2": (376, 8, 8)},
+    "densenet_100_12": {"main": (1168, 8, 8), "aux1": (1936, 8, 8), "aux2": (784, 8, 8)},
+    "densenet_bc_100_12": {"main": (342, 8, 8), "aux1": (1302, 8, 8), "aux2": (342, 8, 8)},
+}
+
+
+class _PooledFeatures(TorchFunctionMode):
+    """Records the shape of every tensor that is globally average-pooled, under the head running it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.head = "main"
+        self.shapes: dict[str, list[tuple[int, ...]]] = {}
+        self.hooks: list = []
+
+    def __enter__(self):
+        for name in ("aux1", "aux2"):
+            branch = getattr(self.model, name)
+            self.hooks.append(branch.register_forward_pre_hook(lambda *_, name=name: setattr(self, "head", name)))
+            self.hooks.append(branch.register_forward_hook(lambda *_: setattr(self, "head", "main")))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.adaptive_avg_pool2d:
+            self.shapes.setdefault(self.head, []).append(tuple(args[0].shape[1:]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "resnet1202" else a
+                                  for a in sorted(RELEASE_FLOPS)])
+def test_forward_flops_and_head_features_equal_release(arch):
+    classes = RELEASE_COUNTS[arch][0]
+    size = 224 if arch in IMAGENET else 32
+    model = _meta_model(arch, classes).eval()  # shapes only: FLOPs and feature maps, nothing computed
+    x = torch.empty(1, 3, size, size, device="meta")
+    pooled = _PooledFeatures(model)
+    with FlopCounterMode(display=False) as flops, pooled, torch.no_grad():
+        out = model(x, all_heads=True)
+    assert [tuple(o.shape) for o in out] == [(1, classes)] * 3
+    assert {head: shapes for head, shapes in pooled.shapes.items()} == {
+        head: [shape] for head, shape in HEAD_FEATURES[arch].items()
+    }
+    assert flops.get_total_flops() == RELEASE_FLOPS[arch]
+
+
+def test_flops_on_meta_equal_flops_on_the_cpu():
+    # The FLOP test above runs on the meta device; the count must not depend on it.
+    counts = []
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = create_model("resnet32", 100).eval()
+            x = torch.zeros(1, 3, 32, 32)
+        with FlopCounterMode(display=False) as flops, torch.no_grad():
+            model(x, all_heads=True)
+        counts.append(flops.get_total_flops())
+    assert counts == [RELEASE_FLOPS["resnet32"]] * 2
 
 
 @pytest.mark.parametrize("method", ["dsl", "dks", "dhm"])
@@ -293,16 +410,37 @@ def test_option_a_shortcut_is_pooled_input_plus_zero_channels():
     assert sum(p.numel() for p in shortcut.parameters()) == 0
 
 
+# Weighted layers (convolutions and linear) on the longest path through each FAMILIES model.
+DEPTH = {"resnet18": 18, "resnet20": 20, "wrn_16_8": 16, "densenet_40_12": 40}
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significant bits
+
+
 @pytest.mark.parametrize("arch, size", FAMILIES)
-def test_autocast_bf16_cpu(arch, size):
+def test_autocast_bf16_cpu_matches_fp32_within_bf16_precision(arch, size):
     model = _fresh(arch).to(memory_format=torch.channels_last)
+    _randomize_norms(model)
     x = torch.randn(2, 3, size, size).to(memory_format=torch.channels_last)
+    # Eval mode: training-mode BN over a batch of 2 at 1x1 resolution (resnet18's last stage here)
+    # amplifies any rounding without bound, which says nothing about autocast.
+    model.eval()
+    with torch.no_grad():
+        fp32 = _heads(model, x, all_heads=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = _heads(model, x, all_heads=True)
+    # Each weighted layer rounds its inputs and weights to bf16 (relative error <= u each) and
+    # accumulates in fp32; to first order the relative errors of the layers add up along the path,
+    # so the logits may be off by depth x u in norm, and no more.
+    bound = DEPTH[arch] * BF16_UNIT_ROUNDOFF
+    for head, a, b in zip(("main", "aux1", "aux2"), fp32, bf16, strict=True):
+        assert b.dtype == torch.bfloat16
+        error = ((b.float() - a).norm() / a.norm()).item()
+        assert error < bound, (head, error, bound)
+    model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _heads(model, x)
-    for o in out:
-        assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
+    assert all(o.dtype == torch.bfloat16 and torch.isfinite(o).all() for o in out)
     sum(o.float().sum() for o in out).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.slow
