@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def probe(ctx: Context) -> dict[str, Any]:  # noqa: ARG001 - the part signature
     if not torch.cuda.is_available():
         return {"status": "passed", "cuda": False, "summary": f"no CUDA GPU, torch {torch.__version__}",
                 "environment": environment("cpu")}
+    from torch.utils.cpp_extension import is_ninja_available
+
     from dhm_fast.telemetry import for_device
 
     props = torch.cuda.get_device_properties(0)
@@ -147,7 +150,8 @@ def probe(ctx: Context) -> dict[str, Any]:  # noqa: ARG001 - the part signature
     return {"status": "passed", "cuda": True, "capability": [props.major, props.minor],
             "summary": f"{props.name}, compute capability {props.major}.{props.minor}, "
                        f"{props.total_memory / 2**30:.0f} GiB, torch {torch.__version__} (CUDA {torch.version.cuda})",
-            "gpus": torch.cuda.device_count(), "nvml": nvml.reason, "environment": environment("cuda")}
+            "gpus": torch.cuda.device_count(), "nvml": nvml.reason, "environment": environment("cuda"),
+            "ninja": is_ninja_available(), "nvcc_on_path": shutil.which("nvcc")}  # without ninja the build is serial
 
 
 def setup_part(ctx: Context) -> dict[str, Any]:
@@ -344,16 +348,14 @@ def kill_and_resume(cmd: list[str], out: Path, log: Path, poll_s: float = 0.05) 
 
 
 def train_args(out: Path) -> list[str]:
-    """The default recipe (ResNet-20, DHM, Fashion-MNIST; synthetic 224 px batches without the data set)
-    with the trainer's GPU defaults, two epochs, a checkpoint every 20 steps."""
+    """The default recipe (ResNet-20, DHM, Fashion-MNIST; without the data set, ResNet-18 on synthetic
+    224 px batches) with the trainer's GPU defaults, two epochs, a checkpoint every 20 steps."""
     args = ["--device", "cuda", "--out", str(out), "--epochs", "2", "--save-every-steps", "20",
             "--log-every-steps", "20"]
-    return args if FASHION_MNIST.is_dir() else [*args, "--loader", "synthetic"]
+    return args if FASHION_MNIST.is_dir() else [*args, "--loader", "synthetic", "--arch", "resnet18"]
 
 
 def train_resume_part(ctx: Context) -> dict[str, Any]:
-    import shutil
-
     out = ctx.out / "train_resume"
     shutil.rmtree(out, ignore_errors=True)
     result = kill_and_resume([PY, "train.py", *train_args(out)], out, ctx.out / "train_resume.log")

@@ -186,6 +186,7 @@ def test_kill_and_resume_harness_with_a_stand_in_trainer(tmp_path, mode):
         gpu_check.kill_and_resume(cmd, out, log)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these commands would run for real")
 def test_the_commands_parse_and_stop_only_for_the_missing_gpu(capsys, tmp_path):
     """Each command gpu_check runs, run here: its flags must parse; it may only stop for want of a GPU."""
     from benchmarks import bench_loss, throughput
