@@ -43,7 +43,8 @@ def _registered_kernels() -> frozenset[tuple[str, str]]:
 
 
 _C, _ERROR = _load()
-_BUILD: dict = _C.build_info() if _C is not None else {}
+# What the build put in (CUDA targets, OpenMP); a stale library from before build_info() says nothing.
+_BUILD: dict = getattr(_C, "build_info", dict)() if _C is not None else {}
 _REGISTERED = _registered_kernels()
 _kernel_cache: dict[tuple[str, str, int | None], bool] = {}
 
