@@ -1,17 +1,23 @@
-"""The trainer end to end on real Fashion-MNIST slices: learning, exact resume, clear errors."""
+"""The trainer end to end on real Fashion-MNIST slices and tiny generated datasets: learning, exact
+resume, clear errors."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from pipeline_helpers import require_extra, write_undecodable_png
+from small_data import truncate, write_cifar10, write_fashion_mnist
 
 from dhm_fast import checkpoint
 from dhm_fast.cli import main
+from pipelines.sample_data import write_imagefolder
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +33,10 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+def read_log(out: Path, kind: str | None = None) -> list[dict]:
+    """The records of log.jsonl, all of them or those of one kind ("interval" or "epoch")."""
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if kind is None or r["kind"] == kind]
 
 
 @needs_fashion
@@ -36,7 +44,7 @@ def test_a_short_real_run_learns_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(QUICK + ["--train-subset", "1024", "--epochs", "3", "--out", str(out)], capsys)
     assert code == 0
-    log = read_log(out)
+    log = read_log(out, "epoch")
     assert len(log) == 3
     assert log[-1]["train"]["loss"] < 0.8 * log[0]["train"]["loss"]
     assert log[-1]["val"]["heads"]["main"]["top1"] > 50  # 10 classes: chance is 10%
@@ -68,7 +76,70 @@ def test_resume_after_interrupt_equals_the_uninterrupted_run(tmp_path, capsys, s
     b = checkpoint.load(parts / "last.pt")["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_log(whole)[-1]["val"] == read_log(parts)[-1]["val"]
+    assert read_log(whole, "epoch")[-1]["val"] == read_log(parts, "epoch")[-1]["val"]
+
+
+# Keys of log records and checkpoints that hold wall-clock measurements: the only things two
+# identical runs may disagree on.
+TIMING_KEY = re.compile(r"seconds|per_s|time")
+
+
+def without_timing(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if not TIMING_KEY.search(str(k))}
+    if isinstance(value, list | tuple):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def assert_identical(a: Any, b: Any, where: str = "") -> None:
+    """Equal structure and values, tensors bitwise (dtype and shape included)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), (where, list(a), list(b))
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+# Dropout draws from the global RNG at every step, so a resume that does not restore the RNG
+# states diverges (DenseNet-40-12: 15 MB of weights, so checkpoints stay quick; 8x8 images keep the
+# steps cheap). 4 steps per epoch, a record every 3 steps.
+DROPOUT_RUN = ["--arch", "densenet_40_12", "--dropout", "0.2", "--method", "dhm", "--branch-prob", "0.6",
+               "--batch-size", "8", "--epochs", "2", "--lr", "0.05", "--lr-schedule", "multistep",
+               "--milestones", "1", "--log-every-steps", "3", "--amp", "none", "--no-channels-last",
+               "--deterministic", "--num-workers", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [2, 5])  # mid-interval in epoch 1; one step into epoch 2
+def test_resume_with_dropout_reproduces_every_record_and_the_rng(tmp_path, capsys, stop_at):
+    data = write_fashion_mnist(tmp_path / "fm", n_train=32, n_test=8, side=8)
+    common = DROPOUT_RUN + ["--data-dir", str(data)]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_cli(common + ["--out", str(whole)], capsys)[0] == 0
+    assert run_cli(common + ["--out", str(parts), "--max-steps", str(stop_at)], capsys)[0] == 0
+    stopped = checkpoint.load(parts / "last.pt")
+    assert stopped["progress"]["step"] == stop_at
+    assert stopped["meter"]["samples"] > 0  # stopped mid-epoch: the meter holds steps to carry over
+    code, stdout, _ = run_cli(common + ["--out", str(parts)], capsys)
+    assert code == 0 and f"step {stop_at}" in stdout
+    # Every record, training intervals included, every field apart from timings.
+    log_whole, log_parts = read_log(whole), read_log(parts)
+    assert {r["kind"] for r in log_whole} == {"interval", "epoch"} and len(log_whole) > 4
+    assert_identical(without_timing(log_whole), without_timing(log_parts), "log")
+    # The final checkpoints: weights, optimizer, meter, RNG states (torch and Python), history.
+    a, b = checkpoint.load(whole / "last.pt"), checkpoint.load(parts / "last.pt")
+    assert a.keys() == b.keys() and {"rng", "meter", "model", "optimizer"} <= a.keys()
+    for key in a.keys() - {"config"}:  # the configs differ in --out only
+        assert_identical(without_timing(a[key]), without_timing(b[key]), key)
 
 
 @needs_fashion
@@ -105,7 +176,7 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, capsys):
         (["--amp", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
         (["--eval-only"], "--eval-only needs --weights"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--aux-weight", "-0.5"], "--aux-weight must be a finite number >= 0, got -0.5"),
+        (["--aux-weight", "-0.5"], "--aux-weight must be at least 0, got -0.5"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_code_2(args, message):
@@ -119,18 +190,86 @@ def test_bad_input_gets_one_line_and_exit_code_2(args, message):
     assert re.search(message, lines[0]), lines[0]
 
 
+def run_train(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+# A C library inside DALI's decoder writes its own diagnostics straight to the stderr file descriptor.
+NATIVE_DECODER_NOISE = re.compile(r"^libpng (error|warning):")
+
+
+def assert_one_line_error_naming(result: subprocess.CompletedProcess, path: Path) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not NATIVE_DECODER_NOISE.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert str(path) in lines[0], lines[0]
+
+
+SMOKE = ["--arch", "resnet20", "--batch-size", "4", "--epochs", "1", "--max-steps", "1", "--amp", "none",
+         "--num-workers", "1"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10"])
+def test_a_damaged_dataset_file_is_named_in_one_line_with_exit_code_2(tmp_path, dataset, damage):
+    if dataset == "fashion-mnist":
+        folder = write_fashion_mnist(tmp_path / "data", n_train=16, n_test=8)
+        bad = folder / ("t10k-labels-idx1-ubyte.gz" if damage == "missing" else "train-images-idx3-ubyte.gz")
+    else:
+        folder = write_cifar10(tmp_path / "data")
+        bad = folder / ("test_batch" if damage == "missing" else "data_batch_2")
+    if damage == "missing":
+        bad.unlink()
+        name: Path = Path(bad.name)  # listed among the files the folder lacks
+    else:
+        truncate(bad)
+        name = bad
+    result = run_train(SMOKE + ["--data", dataset, "--data-dir", str(tmp_path / "data"),
+                                "--out", str(tmp_path / "run")])
+    assert_one_line_error_naming(result, name)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.fixture
+def dali_folder(tmp_path):
+    require_extra("nvidia.dali", "NVIDIA DALI")
+    return tmp_path
+
+
+IMAGE_FOLDER = ["--data", "imagenet", "--loader", "dali", "--strict-data", "--image-size", "16",
+                "--val-resize", "20"]
+
+
+def test_dali_strict_data_names_a_broken_jpeg_in_one_line(dali_folder):
+    ds = write_imagefolder(dali_folder / "data", num_classes=2, train_per_class=3, val_per_class=2, seed=3)
+    result = run_train(SMOKE + IMAGE_FOLDER + ["--data-dir", str(ds.root), "--out", str(dali_folder / "run")])
+    assert_one_line_error_naming(result, ds.root / "train" / ds.classes[0] / "train_garbage.JPEG")
+
+
+def test_dali_strict_data_names_a_file_that_fails_only_at_decode_time(dali_folder):
+    # A valid header, so only DALI's decoder finds it; the batch of all 7 training files holds it.
+    ds = write_imagefolder(dali_folder / "data", num_classes=2, train_per_class=3, val_per_class=2,
+                           odd_files=False, seed=3)
+    bad = ds.root / "train" / ds.classes[1] / "zz_broken.JPEG"
+    write_undecodable_png(bad)
+    args = SMOKE + IMAGE_FOLDER + ["--batch-size", "7", "--data-dir", str(ds.root), "--out", str(dali_folder / "run")]
+    assert_one_line_error_naming(run_train(args), bad)
+
+
 @needs_fashion
 def test_aux_weight_scales_every_auxiliary_cross_entropy(tmp_path, capsys, monkeypatch):
-    import dhm_fast.engine
+    from dhm_fast.losses import LossConfig
 
     seen = []
-    real_loss = dhm_fast.engine.dhm_loss
+    real_compute = LossConfig.compute
 
-    def recording_loss(*args, **kwargs):
-        seen.append(kwargs["ce_weights"])
-        return real_loss(*args, **kwargs)
+    def recording_compute(self, *args, **kwargs):
+        seen.append(self.ce_weights)
+        return real_compute(self, *args, **kwargs)
 
-    monkeypatch.setattr(dhm_fast.engine, "dhm_loss", recording_loss)
+    monkeypatch.setattr(LossConfig, "compute", recording_compute)
     code, _, err = run_cli(QUICK + ["--aux-weight", "0.25", "--max-steps", "2", "--out", str(tmp_path / "r")], capsys)
     assert code == 0, err
     assert seen == [(1.0, 0.25, 0.25)] * 2  # main head, then aux1 and aux2
