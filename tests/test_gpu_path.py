@@ -132,3 +132,37 @@ def test_resume_restores_host_state_from_cpu_tensors_whatever_the_device(tmp_pat
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
     assert not torch.equal(torch.get_rng_state(), expected)
     assert resumed.progress.step == 1
+
+
+class StandInTelemetry:
+    """What an NVML sampler hands the trainer at each log interval."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def start(self) -> bool:
+        return True
+
+    def take(self) -> dict:
+        self.calls += 1
+        return {"gpu_util_pct": 90.0 + self.calls, "memory_used_mib": 1024.0}
+
+    def stop(self) -> None:
+        pass
+
+
+def test_gpu_telemetry_lands_in_every_interval_record_and_nothing_without_it(tmp_path, monkeypatch):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    from dhm_fast import logbook, telemetry
+
+    # 4 of the 6 steps of an epoch: two interval records, no evaluation
+    args = {"train_subset": 192, "max_steps": 4, "batch_size": 32, "log_every_steps": 2, "device": "cpu"}
+    dhm_fast.run.Run(build_config(None, {"out": str(tmp_path / "plain"), **args})).train()
+    assert all("gpus" not in r for r in logbook.read_log(tmp_path / "plain", kind=None))  # the CPU: no NVML
+    monkeypatch.setattr(telemetry, "for_device", lambda device, interval_s: StandInTelemetry())
+    dhm_fast.run.Run(build_config(None, {"out": str(tmp_path / "gpu"), **args})).train()
+    records = logbook.read_log(tmp_path / "gpu", kind="interval")
+    assert [r["gpus"] for r in records] == [[{"gpu_util_pct": 91.0, "memory_used_mib": 1024.0}],
+                                           [{"gpu_util_pct": 92.0, "memory_used_mib": 1024.0}]]
+    assert all(r["img_per_s_per_process"] > 0 for r in records)
