@@ -49,7 +49,7 @@ def test_train_shards_are_disjoint_and_reshuffled_each_epoch():
 
 
 NATIVE = native_crop_normalize()
-needs_native = pytest.mark.skipif(NATIVE is None, reason="dhm_fast._C was built without crop_normalize")
+needs_native = pytest.mark.skipif(NATIVE is None, reason="kernels._C was built without crop_normalize")
 paths = pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "torch"])
 
 
