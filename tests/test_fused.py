@@ -3,7 +3,7 @@
 The CPU kernel splits rows over threads: the float64-reference and determinism tests run at 1, 2 and
 4 threads (the `threads` fixture), so a race between threads fails them.
 
-The reference below is written from ../shared/REFERENCE.md (a loop over heads and ordered pairs,
+The reference below is written from the paper's definition of the objective (a loop over heads and ordered pairs,
 autograd for the gradients) and shares no code with dhm_fast.losses or the kernels.
 """
 
@@ -196,7 +196,7 @@ def test_built_with_openmp():
 
 
 def expected_weights(h, method, direction, active):
-    """lambda and w from the method's definition (REFERENCE.md section 1), for all H heads."""
+    """lambda and w from the method's definition (the DHM paper, section 3), for all H heads."""
     ce = [1.0 if active[i] and (method != "baseline" or i == 0) else 0.0 for i in range(h)]
     kl = [[0.0] * h for _ in range(h)]
     if method in ("dks", "dhm"):

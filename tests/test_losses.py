@@ -1,4 +1,4 @@
-"""dhm_loss against an independent float64 transcription of REFERENCE.md section 1.
+"""dhm_loss against an independent float64 transcription of the DHM objective (the paper, section 3).
 
 The reference below loops over ordered pairs exactly as the formula reads; it shares no code with
 dhm_fast.losses. These tests force `reference=True` (the plain-PyTorch backend); the fused op has its
