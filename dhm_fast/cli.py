@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train a CNN with Dynamic Hierarchical Mimicking (DHM), deep supervision (dsl), DKS or "
         f"plain (baseline). With no flags: the '{DEFAULT_RECIPE}' recipe (ResNet-20 + DHM on Fashion-MNIST, "
-        "about 3 minutes on 2 CPU cores). A flag overrides the recipe's value; the defaults shown apply "
+        "a few minutes on 2 CPU cores). A flag overrides the recipe's value; the defaults shown apply "
         "where the recipe sets nothing.",
         argument_default=None,
     )
