@@ -115,8 +115,7 @@ def train_one_epoch(
             _raise_if_bad(bad_step)
             if on_log is not None:  # img_per_s: this process's rate since the previous record
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
-                on_log({"step": progress.step, "loss": meter.loss_sum.item() / max(meter.samples, 1),
-                        "lr": lr, "img_per_s": rate})
+                on_log({"step": progress.step, "lr": lr, "img_per_s": rate})
             t0, seen = time.perf_counter(), 0
         if checkpoint_every and on_checkpoint is not None and progress.step % checkpoint_every == 0:
             _raise_if_bad(bad_step)  # never checkpoint a diverged model
