@@ -165,7 +165,7 @@ def base_type(name: str) -> type:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is list:
         return list
-    return args[0] if args and typing.get_origin(tp) is not list else tp
+    return args[0] if args else tp
 
 
 def recipe_names() -> list[str]:

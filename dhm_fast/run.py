@@ -265,9 +265,10 @@ class Run:
 
     def log_interval(self, info: dict) -> None:
         """A training record over the steps since the last one: reduced over processes, kept and written."""
-        now = distributed.reduce_train_meter(self.meter).state_dict()
+        reduced = distributed.reduce_train_meter(self.meter).state_dict()
+        now = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in reduced.items()}  # one copy
         train = _meter_delta(now, self.interval_base).summary(self.head_names)
-        self.interval_base = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in now.items()}
+        self.interval_base = now
         step = info["step"]
         record = {"kind": "interval", "epoch": self.progress.epoch, "step": step,
                   "epoch_progress": step / self.steps_per_epoch,
@@ -362,15 +363,15 @@ class Run:
 
 
 def _meter_delta(now: dict, base: dict | None) -> TrainMeter:
-    """The sums a meter gathered since `base` (two state dicts of one meter; None: since its start)."""
+    """The sums a meter gathered since `base` (two CPU state dicts of one meter; None: since its start)."""
     meter = TrainMeter(len(now["head_samples"]), torch.device("cpu"))
     if base is None:
-        meter.load_state_dict({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in now.items()})
+        meter.load_state_dict(now)
         return meter
 
     def minus(a, b):
         if isinstance(a, torch.Tensor):
-            return a.cpu() - b
+            return a - b
         return [minus(x, y) for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a - b
 
     meter.load_state_dict({k: minus(v, base[k]) for k, v in now.items() if k != "num_heads"})
