@@ -1,6 +1,6 @@
 """benchmarks.gpu_check where no GPU is needed: arguments, the clean skip without a GPU, the report, the
-per-part time limit, the agreement harness on the CPU, the kill-and-resume harness with a stand-in
-trainer, and that the commands it runs use flags the benchmarks and the trainer still have."""
+per-part time limit, the kill-and-resume harness with a stand-in trainer, and that the commands it runs
+use flags the benchmarks and the trainer still have."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from benchmarks.gpu_check import Context, Part, PartFailed, Skip
+from benchmarks.gpu_check import Context, Part, PartFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def has_gpu(ctx):  # noqa: ARG001 - a stand-in probe
 def test_bad_part_name_is_one_line_and_exit_2(capsys):
     assert gpu_check.main(["--parts", "setup,warp_drive"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "warp_drive" in err and "agreement" in err
+    assert "\n" not in err and "warp_drive" in err and "cuda_tests" in err
 
 
 def test_list_names_every_part_in_order(capsys):
@@ -49,7 +49,7 @@ def test_without_a_gpu_every_part_is_skipped_and_the_exit_status_is_0(tmp_path):
     rows = proc.stdout.splitlines()
     for p in gpu_check.PARTS:
         assert any(row.startswith(p.name) and row.endswith("skipped (no CUDA GPU)") for row in rows)
-    assert "6 skipped" in rows[0]
+    assert "5 skipped" in rows[0]
 
 
 def test_the_table_shows_each_outcome_in_one_row():
@@ -100,9 +100,6 @@ def test_every_part_runs_whatever_the_others_did(tmp_path):
     def raises(ctx):
         raise ValueError("bad\nthing")
 
-    def skips(ctx):
-        raise Skip("DALI is not installed")
-
     def fails(ctx):
         raise PartFailed("2 cases outside tolerance")
 
@@ -114,12 +111,12 @@ def test_every_part_runs_whatever_the_others_did(tmp_path):
         return {"status": "passed", "summary": "fine", "figure": 1.5}
 
     parts = [Part("hangs", lambda ctx: time.sleep(60), 1.0, ""), Part("raises", raises, 30, ""),
-             Part("skips", skips, 30, ""), Part("fails", fails, 30, ""), Part("dies", dies, 30, ""),
+             Part("fails", fails, 30, ""), Part("dies", dies, 30, ""),
              Part("passes", passes, 30, "")]
     report = gpu_check.run_check(parts, tmp_path, probe_fn=has_gpu)
     got = {name: (r["status"], r["summary"]) for name, r in report["parts"].items()}
     assert got == {"hangs": ("failed", "timed out after 1 s (its time limit)"),
-                   "raises": ("failed", "ValueError: bad thing"), "skips": ("skipped", "DALI is not installed"),
+                   "raises": ("failed", "ValueError: bad thing"),
                    "fails": ("failed", "2 cases outside tolerance"),
                    "dies": ("failed", "its process died (exit code 3)"),
                    "passes": ("passed", "fine")}
@@ -138,18 +135,6 @@ def test_the_total_budget_and_a_failed_probe_skip_parts(tmp_path):
     failed = gpu_check.run_check(never, tmp_path, probe_fn=broken_probe)
     assert failed["parts"]["a"] == {"status": "skipped",
                                     "summary": "the device probe failed: ImportError: no torch"}
-
-
-def test_agreement_harness_on_the_cpu_and_its_error_measure():
-    cases = gpu_check.agreement_cases("cpu")  # the GPU run's code path, its "device" being the CPU
-    assert {(c["K"], c["dtype"]) for c in cases} >= {(32768, d) for d in gpu_check.TOLERANCE}
-    assert all(c["ok"] for c in cases), [c for c in cases if not c["ok"]]
-    want = (torch.tensor(2.0, dtype=torch.float64), torch.tensor([1.0, 3.0], dtype=torch.float64),
-            [torch.tensor([[0.5, -0.25]], dtype=torch.float64)])
-    got = (want[0] * (1 + 1e-3), want[1], [want[2][0] + torch.tensor([[0.0, 0.005]], dtype=torch.float64)])
-    errors = gpu_check._errors(got, want)
-    assert errors["loss"] == pytest.approx(1e-3 * 2 / 2) and errors["stats"] == 0
-    assert errors["grad"] == pytest.approx(0.01)  # relative to the largest gradient, 0.5
 
 
 FAKE_TRAINER = textwrap.dedent("""
