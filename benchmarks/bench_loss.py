@@ -1,38 +1,29 @@
 """Speed of the fused mimicking loss against plain-PyTorch formulations (forward + backward).
 
-Variants, timed side by side in one process (medians of repeats; shared machines are noisy, so read
-the ratios):
-  fused        the trainer's loss call (`LossConfig.compute`) on the native op's backend
-  pair_loop    the authors' released formulation: a Python loop over the H(H-1) ordered pairs, each
-               with its own softmaxes, eps smoothing, log-ratio, and autograd
-  reference    the trainer's loss call on the plain-PyTorch backend (`LossConfig(reference=True)`:
-               all heads stacked, one softmax, the H x H KL matrix as one matrix product); eager, and
-               that backend under torch.compile (reference_compiled)
-  floor        the one-pass proxy: a single torch.softmax forward over the same [H*B, K] logits
-  autograd     the fixed cost every forward + backward pays: the cheapest loss through autograd (the
-               sum of every head's logits), forward and .backward(); not a DHM formulation
+    python -m benchmarks.bench_loss [--quick] [--device cpu|cuda] [--threads N] [--out bench_out]
 
-On the CPU it also measures thread scaling: the fused op and the softmax at 1 and 2 threads, and
-each one's 2-thread speed-up (t1 / t2); the softmax's is what a well-parallelised pass achieves.
-
-    python -m benchmarks.bench_loss [--quick] [--device cpu|cuda] [--out bench_out]
-
-Prints a table and writes bench_out/loss_bench.json and bench_out/loss_bench.png. On a GPU it also
-reports the fused op's achieved bytes/s against the device's memory bandwidth.
+Variants, timed in interleaved rounds in one process: fused (the trainer's loss call on the native op),
+pair_loop (the authors' released loop over head pairs), reference (the trainer's plain-PyTorch backend;
+reference_compiled: under torch.compile), floor (one softmax over the same logits) and autograd (a sum
+through autograd). On the CPU also the thread scaling of the fused op and the softmax; on a GPU the fused
+op's bytes/s against peak bandwidth. Prints a table, writes OUT/loss_bench.json and .png; what each
+variant is and the figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import common
+from benchmarks.common import option
+from dhm_fast import distributed
 from dhm_fast.losses import LossConfig, select_backend
 
 SHAPES = ((3, 256, 1000), (3, 128, 100), (4, 512, 1000), (3, 64, 21843))  # (H, B, K)
@@ -41,19 +32,29 @@ VARIANTS = ("fused", "pair_loop", "reference", "reference_compiled", "floor", "a
 SCALING_THREADS = (1, 2)
 
 
+@dataclass
+class LossBenchConfig:
+    quick: bool = option(False, "fewer repeats (a smoke run)")
+    device: str = option("auto", "auto (cuda when one is visible), cpu or cuda")
+    dtype: str = option("float32", choices=("float32", "bfloat16", "float16"))
+    repeats: int | None = option(None, "timed repeats per variant (default 20, quick 5)", ge=1)
+    no_compile: bool = option(False, "skip the torch.compile variant")
+    no_scaling: bool = option(False, "skip the CPU thread-scaling measurement")
+    threads: int | None = option(None, "torch CPU threads (default: torch's)", ge=1)
+    out: Path = option(Path("bench_out"))
+
+
 # ---------------------------------------------------------------------------- the formulations
-def pair_loop_loss(logits, target, temperature=TEMPERATURE, alpha=ALPHA, eps=EPS):
+def pair_loop_loss(logits, target):
     """The release's shape: CE per head, then every ordered pair on its own."""
     k = logits[0].shape[1]
     loss = sum(F.cross_entropy(z.float(), target) for z in logits)
     for i, teacher in enumerate(logits):
         for j, student in enumerate(logits):
-            if i == j:
-                continue
-            p = (F.softmax(teacher.float().detach() / temperature, dim=1) + eps) / (1 + k * eps)
-            q = (F.softmax(student.float() / temperature, dim=1) + eps) / (1 + k * eps)
-            kl = (p * torch.log(p / q)).sum(dim=1).mean()
-            loss = loss + alpha * temperature**2 * kl
+            if i != j:
+                p = (F.softmax(teacher.float().detach() / TEMPERATURE, dim=1) + EPS) / (1 + k * EPS)
+                q = (F.softmax(student.float() / TEMPERATURE, dim=1) + EPS) / (1 + k * EPS)
+                loss = loss + ALPHA * TEMPERATURE**2 * (p * torch.log(p / q)).sum(dim=1).mean()
     return loss
 
 
@@ -64,10 +65,7 @@ def sum_loss(logits, target):  # noqa: ARG001 - the loss signature
 
 def config_loss(config: LossConfig):
     """The trainer's call (`LossConfig.compute`) as a (logits, target) -> loss function."""
-    def loss(logits, target):
-        return config.compute(logits, target, alpha=ALPHA, temperature=TEMPERATURE)[0]
-
-    return loss
+    return lambda logits, target: config.compute(logits, target, alpha=ALPHA, temperature=TEMPERATURE)[0]
 
 
 def compiled_reference(h: int, device: torch.device):
@@ -75,11 +73,7 @@ def compiled_reference(h: int, device: torch.device):
     backend = torch.compile(select_backend(device, reference=True).run, dynamic=False)
     ce_w = torch.ones(h, device=device)
     kl_w = (1.0 - torch.eye(h, device=device)).contiguous()
-
-    def loss(logits, target):
-        return backend(logits, target, ce_w, kl_w, TEMPERATURE, ALPHA, EPS, 0.0)[0]
-
-    return loss
+    return lambda logits, target: backend(logits, target, ce_w, kl_w, TEMPERATURE, ALPHA, EPS, 0.0)[0]
 
 
 # ---------------------------------------------------------------------------- timing
@@ -92,27 +86,9 @@ def forward_backward(loss_fn, leaves, target) -> Callable[[], None]:
     return step
 
 
-def device_bandwidth(device: torch.device) -> float | None:
-    """Peak memory bandwidth in bytes/s from the device's clock and bus width, when torch knows them."""
-    props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_bits = getattr(props, "memory_bus_width", None)
-    if clock_khz and bus_bits:
-        return 2.0 * clock_khz * 1e3 * bus_bits / 8  # double data rate
-    return None
-
-
-def make_inputs(h, b, k, device, dtype):
-    gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(b, k, generator=gen).mul_(3.0).to(device=device, dtype=dtype) for _ in range(h)]
-    target = torch.randint(0, k, (b,), generator=gen).to(device)
-    return base, target
-
-
 def softmax_pass(base) -> Callable[[], None]:
     """The floor: one softmax forward over all heads' logits, [H*B, K]."""
-    h, (b, k) = len(base), base[0].shape
-    stacked = torch.stack(base).reshape(h * b, k).contiguous()
+    stacked = torch.stack(base).flatten(0, 1).contiguous()
 
     def floor() -> None:
         with torch.no_grad():
@@ -121,30 +97,37 @@ def softmax_pass(base) -> Callable[[], None]:
     return floor
 
 
-def median_and_min(times: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
-    stats = {name: common.quantiles(ts) for name, ts in times.items()}
-    return {n: q["median"] for n, q in stats.items()}, {n: q["min"] for n, q in stats.items()}
+def device_bandwidth(device: torch.device) -> float | None:
+    """Peak memory bandwidth in bytes/s from the device's clock and bus width, when torch knows them."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None  # double data rate
 
 
-def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference, clock) -> dict:
-    base, target = make_inputs(h, b, k, device, dtype)
+def variants(h, b, k, device, dtype, compile_reference: bool) -> dict[str, Callable[[], None]]:
+    """Each variant's forward + backward on the same random logits (scale 3), as a timed callable."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(b, k, generator=gen).mul_(3.0).to(device=device, dtype=dtype) for _ in range(h)]
+    target = torch.randint(0, k, (b,), generator=gen).to(device)
     leaves = [x.clone().requires_grad_() for x in base]
-    row = {"H": h, "B": b, "K": k, "seconds": {}}
-    losses_by_name = {
+    losses = {
         "fused": config_loss(LossConfig(eps=EPS)) if select_backend(device).name == "fused" else None,
         "pair_loop": pair_loop_loss,
         "reference": config_loss(LossConfig(eps=EPS, reference=True)),
         "reference_compiled": compiled_reference(h, device) if compile_reference else None,
     }
-    fns = {name: forward_backward(fn, leaves, target) for name, fn in losses_by_name.items() if fn}
-    fns["floor"] = softmax_pass(base)
-    fns["autograd"] = forward_backward(sum_loss, leaves, target)
-    times = common.time_round_robin(fns, device, repeats, warmup, clock)
-    row["seconds"], row["min_seconds"] = median_and_min(times)
+    fns = {name: forward_backward(fn, leaves, target) for name, fn in losses.items() if fn}
+    return {**fns, "floor": softmax_pass(base), "autograd": forward_backward(sum_loss, leaves, target)}
+
+
+def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference) -> dict:
+    times = common.time_round_robin(variants(h, b, k, device, dtype, compile_reference), device, repeats, warmup)
+    stats = {name: common.quantiles(ts) for name, ts in times.items()}
+    row = {"H": h, "B": b, "K": k, "seconds": {n: q["median"] for n, q in stats.items()},
+           "min_seconds": {n: q["min"] for n, q in stats.items()}}
     if device.type == "cuda" and "fused" in row["seconds"]:
         # Forward reads the logits and writes the saved gradient; backward reads it and writes the scaled one.
-        moved = 4 * h * b * k * base[0].element_size()
-        row["fused_bytes_per_s"] = moved / row["seconds"]["fused"]
+        row["fused_bytes_per_s"] = 4 * h * b * k * dtype.itemsize / row["seconds"]["fused"]
         peak = device_bandwidth(device)
         if peak:
             row["fused_bandwidth_fraction"] = row["fused_bytes_per_s"] / peak
@@ -153,21 +136,16 @@ def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference, clock)
 
 def thread_scaling(h, b, k, dtype, repeats, warmup) -> dict:
     """CPU: median seconds of the fused op (forward + backward) and of the softmax pass at each of
-    SCALING_THREADS threads (wall clock), and each one's speed-up from the first count to the last."""
-    device = torch.device("cpu")
-    base, target = make_inputs(h, b, k, device, dtype)
-    leaves = [x.clone().requires_grad_() for x in base]
-    fns = {"softmax": softmax_pass(base)}
-    if select_backend(device).name == "fused":
-        fns["fused"] = forward_backward(config_loss(LossConfig(eps=EPS)), leaves, target)
+    SCALING_THREADS threads, and each one's speed-up from the first count to the last."""
+    fns = variants(h, b, k, torch.device("cpu"), dtype, compile_reference=False)
+    fns = {"softmax": fns["floor"], **({"fused": fns["fused"]} if "fused" in fns else {})}
     before = torch.get_num_threads()
     seconds: dict[str, dict[int, float]] = {name: {} for name in fns}
     try:
         for n in SCALING_THREADS:
             torch.set_num_threads(n)
-            medians, _ = median_and_min(common.time_round_robin(fns, device, repeats, warmup))
-            for name, t in medians.items():
-                seconds[name][n] = t
+            for name, ts in common.time_round_robin(fns, "cpu", repeats, warmup).items():
+                seconds[name][n] = common.quantiles(ts)["median"]
     finally:
         torch.set_num_threads(before)
     first, last = SCALING_THREADS[0], SCALING_THREADS[-1]
@@ -178,124 +156,73 @@ def thread_scaling(h, b, k, dtype, repeats, warmup) -> dict:
 # ---------------------------------------------------------------------------- report
 def print_table(rows: list[dict]) -> None:
     names = [v for v in VARIANTS if any(v in r["seconds"] for r in rows)]
-    head = f"{'H,B,K':>16} " + " ".join(f"{n:>20}" for n in names)
-    head += f" {'loop/fused':>11} {'ref/fused':>10} {'fused/floor':>12} {'(fastest runs)':>14}"
-    print(head)
+    print(f"{'H,B,K':>16} " + " ".join(f"{n:>20}" for n in names)
+          + f" {'loop/fused':>11} {'ref/fused':>10} {'fused/floor':>12} {'(fastest runs)':>14}")
     for r in rows:
-        s = r["seconds"]
+        s, shape = r["seconds"], f"{r['H']},{r['B']},{r['K']:>6}".rjust(16)
         cells = " ".join(f"{s[n] * 1e3:>17.3f} ms" if n in s else f"{'-':>20}" for n in names)
-        best_vec = min(s[n] for n in ("reference", "reference_compiled") if n in s)
         ratios = ""
         if "fused" in s:
-            f = s["fused"]
+            f, best_ref = s["fused"], min(s[n] for n in ("reference", "reference_compiled") if n in s)
             fastest = r["min_seconds"]["fused"] / r["min_seconds"]["floor"]
-            ratios = f" {s['pair_loop'] / f:>10.1f}x {best_vec / f:>9.1f}x {f / s['floor']:>11.2f}x {fastest:>13.2f}x"
-        print(f"{r['H']},{r['B']},{r['K']:>6}".rjust(16) + " " + cells + ratios)
+            ratios = f" {s['pair_loop'] / f:>10.1f}x {best_ref / f:>9.1f}x {f / s['floor']:>11.2f}x {fastest:>13.2f}x"
+        print(f"{shape} {cells}{ratios}")
         if "fused_bytes_per_s" in r:
             frac = r.get("fused_bandwidth_fraction")
-            extra = f" ({100 * frac:.0f}% of peak)" if frac else ""
-            print(f"{'':>16} fused moves {r['fused_bytes_per_s'] / 1e9:.1f} GB/s{extra}")
-    scaled = [r for r in rows if "scaling" in r]
-    if scaled:
-        first, last = SCALING_THREADS[0], SCALING_THREADS[-1]
-        print(f"\nthread scaling (CPU, wall clock, medians): {first} -> {last} threads")
-        print(f"{'H,B,K':>16} {'fused ' + str(first) + 't':>12} {'fused ' + str(last) + 't':>12} "
-              f"{'fused speed-up':>15} {'softmax ' + str(first) + 't':>14} {'softmax ' + str(last) + 't':>14} "
-              f"{'softmax speed-up':>17}")
-        for r in scaled:
+            print(f"{'':>16} fused moves {r['fused_bytes_per_s'] / 1e9:.1f} GB/s"
+                  + (f" ({100 * frac:.0f}% of peak)" if frac else ""))
+        if "scaling" in r:
             sc = r["scaling"]
-            fused_cells = f"{'-':>41}"
-            if "fused" in sc["seconds"]:
-                f1, f2 = sc["seconds"]["fused"][first], sc["seconds"]["fused"][last]
-                fused_cells = f"{f1 * 1e3:>9.3f} ms {f2 * 1e3:>9.3f} ms {sc['speedup']['fused']:>14.2f}x"
-            soft = sc["seconds"]["softmax"]
-            print(f"{r['H']},{r['B']},{r['K']:>6}".rjust(16) + f" {fused_cells} {soft[first] * 1e3:>11.3f} ms "
-                  f"{soft[last] * 1e3:>11.3f} ms {sc['speedup']['softmax']:>16.2f}x")
+            print(f"{'':>16} thread scaling {SCALING_THREADS[0]} -> {SCALING_THREADS[-1]} threads: " + ", ".join(
+                f"{name} " + " / ".join(f"{t * 1e3:.3f}" for t in sec.values()) + f" ms, {sc['speedup'][name]:.2f}x"
+                for name, sec in sc["seconds"].items()))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [v for v in VARIANTS if any(v in r["seconds"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(names)
-    for n_i, name in enumerate(names):
-        xs = [i + n_i * width for i in range(len(rows))]
-        ys = [r["seconds"].get(name, float("nan")) * 1e3 for r in rows]
-        ax.bar(xs, ys, width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-    ax.set_xticklabels([f"H={r['H']} B={r['B']} K={r['K']}" for r in rows])
-    ax.set_yscale("log")
-    ax.set_ylabel("forward + backward, ms (median)\nfloor: softmax forward; autograd: sum + backward")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with common.figure(path, figsize=(10, 4.5)) as (_, ax):
+        for n_i, name in enumerate(names):
+            ax.bar([i + n_i * width for i in range(len(rows))],
+                   [r["seconds"].get(name, float("nan")) * 1e3 for r in rows], width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))],
+                      [f"H={r['H']} B={r['B']} K={r['K']}" for r in rows])
+        ax.set(yscale="log", title=title,
+               ylabel="forward + backward, ms (median)\nfloor: softmax forward; autograd: sum + backward")
+        ax.legend(fontsize=8)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--no-scaling", action="store_true",
-                        help="skip the CPU thread-scaling measurement (1 and 2 threads)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall",
-        help="cpu: the calling thread's CPU time, which ignores time spent descheduled on a busy "
-        "machine (needs --threads 1 and a CPU device)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    args = parser.parse_args(argv)
+def run(args: LossBenchConfig, argv: list[str] | None) -> None:
+    common.check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but no GPU is visible")
-    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
-        raise SystemExit("--clock cpu measures one thread: use it with --threads 1 on the CPU")
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    device = distributed.process_device(args.device, distributed.World())
     dtype = getattr(torch, args.dtype)
-    repeats = args.repeats or (5 if args.quick else 20)
-    warmup = 2 if args.quick else 5
+    repeats, warmup = args.repeats or (5 if args.quick else 20), 2 if args.quick else 5
     backend = select_backend(device)
     if backend.name != "fused":
         print(f"note: {backend.reason}; timing the other variants only")
-    scaling = device.type == "cpu" and not args.no_scaling
     rows = []
     for h, b, k in SHAPES:
-        row = run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile, clock)
-        if scaling:
+        row = run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile)
+        if device.type == "cpu" and not args.no_scaling:
             row["scaling"] = thread_scaling(h, b, k, dtype, repeats, warmup)
         rows.append(row)
         common.log(f"done H={h} B={b} K={k}")
     print_table(rows)
-    meta = {
-        **common.environment(device, "benchmarks.bench_loss", argv),
-        "dtype": args.dtype,
-        "threads": torch.get_num_threads(),
-        "repeats": repeats,
-        "clock": args.clock,
-        "fused_backend": backend.reason,
-        "temperature": TEMPERATURE,
-        "alpha": ALPHA,
-        "eps": EPS,
-    }
-    name = meta["device_name"]
+    meta = {**common.environment(device, "benchmarks.bench_loss", argv), "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "repeats": repeats, "fused_backend": backend.reason,
+            "temperature": TEMPERATURE, "alpha": ALPHA, "eps": EPS}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loss_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    title = f"DHM loss, {name}, {args.dtype}, {meta['threads']} threads, {args.clock} clock"
-    plot(rows, args.out / "loss_bench.png", title)
+    plot(rows, args.out / "loss_bench.png", f"DHM loss, {meta['device_name']}, {args.dtype}, {meta['threads']} threads")
     print(f"wrote {args.out / 'loss_bench.json'} and {args.out / 'loss_bench.png'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = common.parse_settings(LossBenchConfig, "benchmarks.bench_loss", __doc__, argv)
+    return common.cli(lambda: run(args, argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
