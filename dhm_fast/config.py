@@ -57,6 +57,9 @@ class TrainConfig:
     method: str = setting("dhm", "baseline: main head only; dsl: CE on every head; dks: CE + all-pairs KL; "
                           "dhm: CE + pairwise KL with direction and branch sampling", 0, choices=METHODS)
     dropout: float = setting(0.0, "dropout inside wide-ResNet blocks (other networks have none)", 0, ge=0, lt=1)
+    init_weights: str | None = setting(None, "start the trunk from a local weights file (safetensors or a torch state "
+                                       "dict, e.g. torchvision's ImageNet weights); new heads keep their init", 0,
+                                       recipe=False)
     # data
     dataset: str = setting("fashion-mnist", "dataset", 1, choices=DATASETS, flag="data")
     data_dir: str | None = setting(None, "dataset folder (Fashion-MNIST: the four IDX .gz files, default "
@@ -236,6 +239,8 @@ def validate(cfg: TrainConfig) -> None:
             problem = _check_value(item, f.metadata)
             if problem:
                 raise UserError(f"{flag_name(name)} {problem}")
+    if cfg.init_weights and not Path(cfg.init_weights).is_file():
+        raise UserError(f"--init-weights {cfg.init_weights} does not exist")
     if cfg.eval_only and not cfg.weights:
         raise UserError("--eval-only needs --weights (a checkpoint or a state dict file)")
     if bool(cfg.train_beton) != bool(cfg.val_beton):
@@ -286,6 +291,8 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
         ignored["branch_prob"] = ignored["branch_sample_per"] = f"--method {cfg.method} keeps every branch on"
     if cfg.method == "baseline":
         ignored["aux_weight"] = "--method baseline trains the main head only"
+    if cfg.eval_only:
+        ignored["init_weights"] = "--eval-only evaluates --weights"
     if cfg.lr_schedule != "multistep":
         ignored["milestones"] = ignored["gamma"] = f"--lr-schedule {cfg.lr_schedule} has no steps"
     return ignored

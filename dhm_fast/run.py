@@ -26,6 +26,7 @@ from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, evaluate, step_parts, train_one_epoch
 from dhm_fast.errors import UserError
 from dhm_fast.global_batch import micro_batch
+from dhm_fast.init_weights import load_init_weights, read_weights
 from dhm_fast.logbook import Logbook
 from dhm_fast.metrics import TrainMeter
 from dhm_fast.models import create_model
@@ -99,6 +100,7 @@ class Run:
         precision.apply(speed)
         self.autocast = precision.autocast_factory(speed, self.device)
         seed_everything(cfg.seed, cfg.deterministic)
+        init_state = read_weights(cfg.init_weights) if cfg.init_weights else None  # a bad file fails before data
         self.train_loader, self.val_loader = create_loaders(
             loader_config(cfg, self.device, self.world, self.micro_batch))
         log(f"data: {cfg.dataset} via the {self.train_loader.name} loader "
@@ -106,6 +108,9 @@ class Run:
             f"{self.val_loader.num_samples} val samples per process")
         self.num_classes = self.train_loader.num_classes
         model = build_model(cfg, self.num_classes, self.train_loader.in_channels, self.device)
+        if init_state is not None:  # a resumed checkpoint later overrides these
+            for line in load_init_weights(model, init_state).lines():
+                log(line)
         if cfg.sync_bn:
             model = distributed.convert_sync_bn(model, self.device)
         self.model = model  # the bare network: what checkpoints hold
