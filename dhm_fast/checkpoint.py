@@ -7,6 +7,7 @@ uses `weights_only=True`: a pickle that would execute code is refused with a cle
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -40,16 +41,13 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
+    """Make the rename itself durable (skipped where a folder cannot be opened or synced)."""
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

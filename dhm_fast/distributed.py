@@ -1,15 +1,12 @@
 """Multi-process training on PyTorch's own engine: torchrun's environment, process group, DDP, reductions.
 
-A process learns its place from the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, plus
-MASTER_ADDR/MASTER_PORT for the rendezvous). Without them (or with WORLD_SIZE=1) it is a single
-process: no launcher, no process group, and every helper here is a no-op.
-
-Backends: NCCL on CUDA (each process on the GPU its LOCAL_RANK names), gloo on the CPU. Every
-collective has a timeout, so a dead or hung peer makes the survivors raise instead of waiting forever.
+Without torchrun's variables (or with WORLD_SIZE=1) a process is alone: no process group, and every
+helper here is a no-op. docs/distributed.md describes the design.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from collections.abc import Sequence
@@ -21,8 +18,6 @@ from torch import Tensor, nn
 
 from dhm_fast.errors import UserError
 from dhm_fast.metrics import TrainMeter
-
-DEFAULT_TIMEOUT_S = 600.0  # long enough for a first torch.compile or a big checkpoint write on rank 0
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ def process_device(name: str, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
-def init(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[World, torch.device]:
+def init(device_name: str, timeout_s: float) -> tuple[World, torch.device]:
     """Join the process group torchrun describes (if any); returns this process's world and device.
 
     The process's GPU becomes the current device first, before any model or loader exists: DALI and
@@ -165,8 +160,7 @@ def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
 def reduce_train_meter(meter: TrainMeter) -> TrainMeter:
     """A copy of `meter` holding the sums over every process (the meter itself is left as it is)."""
     out = TrainMeter(meter.num_heads, meter.loss_sum.device)
-    out.load_state_dict({k: v.clone() if isinstance(v, Tensor) else _copy(v)
-                         for k, v in meter.state_dict().items()})
+    out.load_state_dict(copy.deepcopy(meter.state_dict()))
     if not active():
         return out
     h = meter.num_heads
@@ -180,18 +174,9 @@ def reduce_train_meter(meter: TrainMeter) -> TrainMeter:
     return out
 
 
-def _copy(value):
-    return [_copy(v) for v in value] if isinstance(value, list) else value
-
-
 def broadcast_buffers(model: nn.Module) -> None:
-    """Give every process rank 0's buffers (BatchNorm running statistics) before evaluating or saving.
-
-    DDP is built with forward_sync_buffers=False (no collective in every forward): each process's running
-    statistics then follow its own shard, and this one broadcast makes them rank 0's everywhere. Rank 0's
-    are exactly what DDP's per-forward broadcast would have left on rank 0, since that broadcast only
-    overwrites the other ranks.
-    """
+    """Give every process rank 0's buffers (BatchNorm running statistics) before evaluating or saving:
+    DDP runs with forward_sync_buffers=False, and this replaces its per-forward broadcast."""
     if not active():
         return
     for buf in model.buffers():
@@ -200,11 +185,7 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
     """DistributedDataParallel around the (already channels-last / compiled) model; no-op when alone.
-
-    find_unused_parameters only when branches can be skipped (branch_prob < 1): the active set is the
-    same on every rank, so a skipped branch is unused everywhere, DDP leaves its gradients None and SGD
-    skips it, exactly as in a single process. Always-on branches pay nothing for the detection.
-    """
+    `find_unused_parameters` only when branches can be skipped (docs/distributed.md says why)."""
     if not active():
         return model
     return nn.parallel.DistributedDataParallel(

@@ -6,13 +6,13 @@ logits' dtype, except for float16, where it is saved in float32: a GradScaler's 
 2^16 and more) is applied in backward, and many unscaled entries would be subnormal or zero in
 float16. Backward multiplies by grad_output, then casts to the logits' dtype.
 
-The op and its fake (meta) implementation for torch.compile come from `kernels`; this module gives it
-the signature of `dhm_fast.losses.reference_backend`. Which of the two runs is decided in
-`dhm_fast.losses.select_backend`, never here.
+This module gives the op (from `kernels`) the signature of `dhm_fast.losses.reference_backend`;
+`dhm_fast.losses.select_backend` decides which of the two runs.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -43,12 +43,8 @@ def fused_loss(
     if not logits:
         raise ValueError("fused_loss needs at least one head's logits")
     device = logits[0].device
-    dtype = logits[0].dtype
-    if any(x.dtype != dtype for x in logits):
-        # Mixed precisions across heads: compute in the widest one.
-        for x in logits[1:]:
-            dtype = torch.promote_types(dtype, x.dtype)
-        logits = [x.to(dtype) for x in logits]
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in logits))
+    logits = [x.to(dtype) for x in logits]  # mixed precisions across heads: compute in the widest one
     compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in logits)
     loss, stats, _ = kernels.op(OP_NAME)(
         logits,

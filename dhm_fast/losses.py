@@ -8,13 +8,11 @@ batch mean of the class sum. `w_ij` folds together the pair weights mu_ij, the d
 heads are active this step (see `mimic_weights`).
 
 The settings are a frozen `LossConfig`; `LossConfig.compute` is the trainer's call. Two backends
-compute exactly this with the same signature:
-- the fused native op (kernels/, wrapped by `dhm_fast.fused`), wherever it has a kernel;
-- `reference_backend` below, plain PyTorch, used with `reference=True` and as the fallback.
-`select_backend` is the one place that chooses between them, and it says which and why.
+compute exactly this with the same signature, the fused native op (`dhm_fast.fused`) and
+`reference_backend` (plain PyTorch); `select_backend` is the one place that chooses, and says why.
 Both return the loss and a flat float32 stats vector [ce (H), kl (H*H, row = teacher), correct (H)].
-A training step costs no host-device synchronisation and no host-to-device copy: the per-pattern
-weight and index tensors are made once per device and cached.
+The per-pattern weight and index tensors are made once per device and cached: a step costs no
+host-device synchronisation and no host-to-device copy.
 """
 
 from __future__ import annotations
@@ -46,50 +44,9 @@ class LossStats:
     correct: Tensor  # [H] number of correct top-1 predictions of each head
 
 
-def _unpack_stats(stats: Tensor, num_heads: int) -> LossStats:
-    h = num_heads
-    return LossStats(ce=stats[:h], kl=stats[h : h + h * h].view(h, h), correct=stats[h + h * h :])
-
-
-@functools.lru_cache(maxsize=256)
-def _weights_on_host(
-    num_heads: int,
-    method: str,
-    direction: str,
-    active: tuple[bool, ...],
-    ce_weights: tuple[float, ...] | None,
-    kl_weights: tuple[tuple[float, ...], ...] | None,
-) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
-    _check_choice("method", method, METHODS)
-    _check_choice("direction", direction, DIRECTIONS)
-    h = num_heads
-    lam = list(ce_weights) if ce_weights is not None else [1.0] * h
-    if len(lam) != h:
-        raise ValueError(f"ce_weights has {len(lam)} entries for {h} heads")
-    mu = [list(r) for r in kl_weights] if kl_weights is not None else [[1.0] * h for _ in range(h)]
-    if len(mu) != h or any(len(r) != h for r in mu):
-        raise ValueError(f"kl_weights must be {h}x{h}")
-    ce_w = [lam[k] * float(active[k]) for k in range(h)]
-    if method == "baseline":
-        ce_w = [lam[0] * float(active[0])] + [0.0] * (h - 1)
-    kl_w = [[0.0] * h for _ in range(h)]
-    if method in ("dks", "dhm"):
-        # Head order is (main, aux1, aux2, ...): a lower index is a deeper head.
-        for i in range(h):  # teacher
-            for j in range(h):  # student
-                if i == j or not (active[i] and active[j]):
-                    continue
-                if direction == "top-down" and not i < j:
-                    continue
-                if direction == "bottom-up" and not i > j:
-                    continue
-                kl_w[i][j] = mu[i][j]
-    return tuple(ce_w), tuple(tuple(r) for r in kl_w)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+# Head order is (main, aux1, aux2, ...): a lower index is a deeper head. Which (teacher i, student j)
+# pairs each direction keeps:
+_PAIRS = {"both": lambda i, j: i != j, "top-down": lambda i, j: i < j, "bottom-up": lambda i, j: i > j}
 
 
 def mimic_weights(
@@ -101,20 +58,27 @@ def mimic_weights(
     kl_weights: Sequence[Sequence[float]] | None = None,
 ) -> tuple[list[float], list[list[float]]]:
     """Per-head CE weights and the H x H KL weight matrix (teacher row, student column) a method uses."""
-    act = tuple(bool(a) for a in active) if active is not None else (True,) * num_heads
-    if len(act) != num_heads:
-        raise ValueError(f"active has {len(act)} entries for {num_heads} heads")
-    ce_w, kl_w = _weights_on_host(num_heads, method, direction, act, _float_tuple(ce_weights),
-                                  _matrix_tuple(kl_weights))
-    return list(ce_w), [list(r) for r in kl_w]
+    _check_choice("method", method, METHODS)
+    _check_choice("direction", direction, DIRECTIONS)
+    h = num_heads
+    act = [True] * h if active is None else [bool(a) for a in active]
+    lam = [1.0] * h if ce_weights is None else [float(x) for x in ce_weights]
+    mu = [[1.0] * h] * h if kl_weights is None else [[float(x) for x in r] for r in kl_weights]
+    if len(act) != h:
+        raise ValueError(f"active has {len(act)} entries for {h} heads")
+    if len(lam) != h:
+        raise ValueError(f"ce_weights has {len(lam)} entries for {h} heads")
+    if len(mu) != h or any(len(r) != h for r in mu):
+        raise ValueError(f"kl_weights must be {h}x{h}")
+    ce_w = [lam[k] if act[k] and (method != "baseline" or k == 0) else 0.0 for k in range(h)]
+    mimics, pair = method in ("dks", "dhm"), _PAIRS[direction]
+    kl_w = [[mu[i][j] if mimics and act[i] and act[j] and pair(i, j) else 0.0 for j in range(h)] for i in range(h)]
+    return ce_w, kl_w
 
 
-def _float_tuple(values: Sequence[float] | None) -> tuple[float, ...] | None:
-    return tuple(float(x) for x in values) if values is not None else None
-
-
-def _matrix_tuple(rows: Sequence[Sequence[float]] | None) -> tuple[tuple[float, ...], ...] | None:
-    return tuple(tuple(float(x) for x in r) for r in rows) if rows is not None else None
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def reference_backend(
@@ -227,10 +191,11 @@ class LossConfig:
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         # Sequences become tuples: the config stays immutable and hashable (a cache key).
+        ce, kl = self.ce_weights, self.kl_weights
         object.__setattr__(self, "eps", float(self.eps))
         object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
-        object.__setattr__(self, "ce_weights", _float_tuple(self.ce_weights))
-        object.__setattr__(self, "kl_weights", _matrix_tuple(self.kl_weights))
+        object.__setattr__(self, "ce_weights", None if ce is None else tuple(float(x) for x in ce))
+        object.__setattr__(self, "kl_weights", None if kl is None else tuple(tuple(float(x) for x in r) for r in kl))
         object.__setattr__(self, "reference", bool(self.reference))
 
     def backend(self, device: torch.device | str) -> LossBackend:
@@ -262,14 +227,13 @@ class LossConfig:
         device = logits[0].device
         ce_t, kl_t, scatter = _step_constants(self, act, device)
         backend = select_backend(device, reference=self.reference)
-        loss, compact = backend.run(
+        loss, stats = backend.run(
             [x for x, a in zip(logits, act, strict=True) if a], target, ce_t, kl_t, float(temperature),
             float(alpha), self.eps, self.label_smoothing,
         )
-        if scatter is None:
-            return loss, _unpack_stats(compact, h)
-        full = compact.new_zeros(2 * h + h * h).index_copy_(0, scatter, compact)
-        return loss, _unpack_stats(full, h)
+        if scatter is not None:  # compact stats of the active heads -> their places among all H heads'
+            stats = stats.new_zeros(2 * h + h * h).index_copy_(0, scatter, stats)
+        return loss, LossStats(ce=stats[:h], kl=stats[h : h + h * h].view(h, h), correct=stats[h + h * h :])
 
 
 @functools.lru_cache(maxsize=512)
@@ -279,8 +243,7 @@ def _step_constants(
     """The active heads' CE weights and KL weight matrix, and where their stats go among all H heads'
     (None when every head is active), as tensors on `device`. Made once per pattern and device."""
     h = len(active)
-    ce_w, kl_w = _weights_on_host(h, config.method, config.direction, active, config.ce_weights,
-                                  config.kl_weights)
+    ce_w, kl_w = mimic_weights(h, config.method, config.direction, active, config.ce_weights, config.kl_weights)
     idx = [i for i in range(h) if active[i]]
     ce_t = torch.tensor([ce_w[i] for i in idx], dtype=torch.float32, device=device)
     kl_t = torch.tensor([[kl_w[i][j] for j in idx] for i in idx], dtype=torch.float32, device=device)
@@ -307,12 +270,8 @@ def dhm_loss(
     reference: bool = False,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, LossStats]:
-    """`LossConfig(...).compute(...)` in one call, for scripts and tests.
-
-    `ce_weights` are the per-head lambda_h, `kl_weights` the H x H mu_ij (teacher row, student
-    column). `reference=True` forces the plain-PyTorch backend. With `return_stats`, also returns a
-    `LossStats` laid out over all H heads.
-    """
+    """`LossConfig(...).compute(...)` in one call, for scripts and tests; with `return_stats`, also the
+    `LossStats` over all H heads."""
     config = LossConfig(method=method, direction=direction, eps=eps, label_smoothing=label_smoothing,
                         ce_weights=ce_weights, kl_weights=kl_weights, reference=reference)
     loss, stats = config.compute(logits, target, active=active, alpha=alpha, temperature=temperature)

@@ -1,14 +1,14 @@
 """GPU telemetry through NVML (package nvidia-ml-py, imported as pynvml), sampled in a thread.
 
-While training or a benchmark runs, a background thread reads utilisation, memory in use, power draw
-and the SM clock every `interval_s`, tagging each sample with the label of what is running (e.g. the
-method being timed). The trainer takes the means since its previous log record (`take`); a benchmark
-summarises by label (`summary`). Without a GPU or an NVIDIA driver the sampler reports "not
-available" and returns nothing: telemetry never raises.
+A background thread reads utilisation, memory in use, power draw and the SM clock every `interval_s`,
+tagging each sample with the label of what is running. The trainer takes the means since its previous
+log record (`take`); a benchmark summarises by label (`summary`). Without a GPU or an NVIDIA driver
+the sampler reports "not available" and returns nothing: telemetry never raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -46,24 +46,17 @@ class GpuTelemetry:
             import pynvml
 
             pynvml.nvmlInit()
-        except Exception as err:  # no library, no driver, no permission: all mean "no telemetry"
-            self.reason = f"not available ({type(err).__name__}: {err})"
-            return False
-        try:
+            self._nvml = pynvml
             handle = None
             if self.uuid:
-                try:
+                with contextlib.suppress(Exception):  # an unknown UUID: fall back to the index
                     handle = pynvml.nvmlDeviceGetHandleByUUID(self.uuid)
-                except Exception:
-                    handle = None  # fall back to the index below
-            if handle is None:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(self.device_index)
-            name = pynvml.nvmlDeviceGetName(handle)
-        except Exception as err:
+            self._handle = handle or pynvml.nvmlDeviceGetHandleByIndex(self.device_index)
+            name = pynvml.nvmlDeviceGetName(self._handle)
+        except Exception as err:  # no library, no driver, no permission: all mean "no telemetry"
             self.reason = f"not available ({type(err).__name__}: {err})"
-            _shutdown(pynvml)
+            self.stop()
             return False
-        self._nvml, self._handle = pynvml, handle
         self.device_name = name.decode() if isinstance(name, bytes) else str(name)
         self.available, self.reason = True, "nvml"
         self._thread = threading.Thread(target=self._run, name="gpu-telemetry", daemon=True)
@@ -76,7 +69,8 @@ class GpuTelemetry:
             self._thread.join()
             self._thread = None
         if self._nvml is not None:
-            _shutdown(self._nvml)
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
             self._nvml = None
 
     def __enter__(self) -> GpuTelemetry:
@@ -93,15 +87,12 @@ class GpuTelemetry:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             sample = self.sample_once()
-            if sample:
-                with self._lock:
-                    self.samples.append(sample)
+            with self._lock:
+                self.samples.append(sample)
 
     def sample_once(self) -> dict[str, Any]:
         """One reading; a field the GPU cannot report (e.g. power on some boards) is left out."""
         nv, h = self._nvml, self._handle
-        if nv is None:
-            return {}
         sample: dict[str, Any] = {"t": time.perf_counter(), "label": self._label}
         readers = {
             "gpu_util_pct": lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu,
@@ -110,42 +101,32 @@ class GpuTelemetry:
             "sm_clock_mhz": lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
         }
         for key, read in readers.items():
-            try:
+            with contextlib.suppress(Exception):
                 sample[key] = float(read())
-            except Exception:
-                continue
         return sample
 
     def take(self) -> dict[str, float]:
-        """Mean of every field over the samples since the previous call, as flat numbers (e.g. for a log
-        record); {} when NVML is unavailable or no sample came in. The samples are consumed, so a
-        long run holds only one interval's."""
+        """Mean of every field over the samples since the previous call ({} when there are none). The
+        samples are consumed, so a long run holds only one interval's."""
         with self._lock:
             rows, self.samples = self.samples, []
-        out = {}
-        for key in FIELDS:
-            values = [s[key] for s in rows if key in s]
-            if values:
-                out[key] = statistics.fmean(values)
-        return out
+        return {key: s["mean"] for key, s in _field_stats(rows).items() if s is not None}
 
     def summary(self, label: str | None = None) -> dict[str, Any]:
         """Mean and max of every field over the samples with `label` (all samples when None)."""
         if not self.available:
             return {"available": False, "reason": self.reason}
         rows = [s for s in self.samples if label is None or s["label"] == label]
-        out: dict[str, Any] = {"available": True, "device": self.device_name, "samples": len(rows)}
-        for key in FIELDS:
-            values = [s[key] for s in rows if key in s]
-            out[key] = ({"mean": statistics.fmean(values), "max": max(values)} if values else None)
-        return out
+        return {"available": True, "device": self.device_name, "samples": len(rows), **_field_stats(rows)}
 
 
-def _shutdown(nvml: Any) -> None:
-    try:
-        nvml.nvmlShutdown()
-    except Exception:
-        pass
+def _field_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float] | None]:
+    """Per field: the mean and max over the samples that hold it (None when none does)."""
+    out: dict[str, dict[str, float] | None] = {}
+    for key in FIELDS:
+        values = [s[key] for s in rows if key in s]
+        out[key] = {"mean": statistics.fmean(values), "max": max(values)} if values else None
+    return out
 
 
 def for_device(device: Any, interval_s: float = 0.1) -> GpuTelemetry:
@@ -157,10 +138,5 @@ def for_device(device: Any, interval_s: float = 0.1) -> GpuTelemetry:
     if device.type != "cuda":
         return GpuTelemetry(interval_s=interval_s, disabled_reason=f"{device.type} is not a CUDA GPU")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    uuid = None
-    try:
-        raw = str(torch.cuda.get_device_properties(index).uuid)
-        uuid = raw if raw.startswith("GPU-") else f"GPU-{raw}"
-    except Exception:
-        pass
-    return GpuTelemetry(index, interval_s, uuid)
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    return GpuTelemetry(index, interval_s, uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")

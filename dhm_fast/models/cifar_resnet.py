@@ -38,8 +38,6 @@ class PadShortcut(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        if out_channels < in_channels:
-            raise ValueError("option-A shortcuts only add channels")
         self.extra = out_channels - in_channels
         self.stride = stride
 
@@ -61,9 +59,8 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = (
-            PadShortcut(in_channels, channels, stride) if stride != 1 or in_channels != channels else None
-        )
+        projects = stride != 1 or in_channels != channels
+        self.shortcut = PadShortcut(in_channels, channels, stride) if projects else None
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)

@@ -38,6 +38,10 @@ AUX1_GROWTH_FACTOR = 3
 BOTTLENECK_WIDTH = 4  # a BC layer's 1x1 conv outputs 4x the growth rate
 
 
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class DenseLayer(nn.Module):
     """BN-ReLU-conv3x3 producing ``growth`` new channels, concatenated to the input."""
 
@@ -45,13 +49,10 @@ class DenseLayer(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, growth, 3, 1, 1, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = _dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(F.relu(self.bn(x)))
-        if self.dropout is not None:
-            out = self.dropout(out)
-        return torch.cat((x, out), 1)
+        return torch.cat((x, self.dropout(self.conv(F.relu(self.bn(x))))), 1)
 
 
 class BottleneckLayer(nn.Module):
@@ -64,15 +65,11 @@ class BottleneckLayer(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, growth, 3, 1, 1, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = _dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(F.relu(self.bn1(x)))
-        if self.dropout is not None:
-            out = self.dropout(out)
-        out = self.conv2(F.relu(self.bn2(out), inplace=True))
-        if self.dropout is not None:
-            out = self.dropout(out)
+        out = self.dropout(self.conv1(F.relu(self.bn1(x))))
+        out = self.dropout(self.conv2(F.relu(self.bn2(out), inplace=True)))
         return torch.cat((x, out), 1)
 
 
@@ -83,31 +80,10 @@ class Transition(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = _dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(F.relu(self.bn(x)))
-        if self.dropout is not None:
-            out = self.dropout(out)
-        return F.avg_pool2d(out, 2, 2, ceil_mode=True)
-
-
-class _Builder:
-    """Tracks the running channel count while stages are appended (dense stages grow it)."""
-
-    def __init__(self, layer: type[DenseLayer] | type[BottleneckLayer], compression: float, dropout: float):
-        self.layer, self.compression, self.dropout = layer, compression, dropout
-
-    def stage(self, channels: int, layers: int, growth: int) -> tuple[nn.Sequential, int]:
-        mods = []
-        for _ in range(layers):
-            mods.append(self.layer(channels, growth, self.dropout))
-            channels += growth
-        return nn.Sequential(*mods), channels
-
-    def transition(self, channels: int) -> tuple[Transition, int]:
-        out = int(math.floor(channels * self.compression))
-        return Transition(channels, out, self.dropout), out
+        return F.avg_pool2d(self.dropout(self.conv(F.relu(self.bn(x)))), 2, 2, ceil_mode=True)
 
 
 class DenseNet(BranchedNet):
@@ -132,31 +108,38 @@ class DenseNet(BranchedNet):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         n = (depth - 4) // (3 * per_layer_convs)
-        mk = _Builder(BottleneckLayer if bottleneck else DenseLayer, compression, dropout)
+        layer = BottleneckLayer if bottleneck else DenseLayer
+
+        def stage(channels: int, layers: int, growth: int) -> tuple[nn.Sequential, int]:
+            """`layers` dense layers and the channel count they end with (each adds `growth`)."""
+            mods = [layer(channels + i * growth, growth, dropout) for i in range(layers)]
+            return nn.Sequential(*mods), channels + layers * growth
+
+        def transition(channels: int) -> tuple[Transition, int]:
+            out = int(math.floor(channels * compression))
+            return Transition(channels, out, dropout), out
 
         c = 2 * growth if bottleneck else 16
         self.conv1 = nn.Conv2d(in_channels, c, 3, 1, 1, bias=False)
-        self.layer1, c = mk.stage(c, n, growth)
-        self.transition1, c = mk.transition(c)
-        c_shallow = c
-        self.layer2, c = mk.stage(c, n, growth)
-        self.transition2, c = mk.transition(c)
-        c_deep = c
-        self.layer3, c = mk.stage(c, n, growth)
+        self.layer1, c = stage(c, n, growth)
+        self.transition1, c_shallow = transition(c)
+        self.layer2, c = stage(c_shallow, n, growth)
+        self.transition2, c_deep = transition(c)
+        self.layer3, c = stage(c_deep, n, growth)
         self.bn = nn.BatchNorm2d(c)
         self.fc = nn.Linear(c, num_classes)
 
         if with_branches:
             (a, b), (k,) = branch_layers
-            layer2, c = mk.stage(c_shallow, a, growth)
-            transition2, c = mk.transition(c)
-            layer3, c = mk.stage(c, b, growth)
+            layer2, c = stage(c_shallow, a, growth)
+            transition2, c = transition(c)
+            layer3, c = stage(c, b, growth)
             aux2 = Branch(
                 {"layer2": layer2, "transition2": transition2, "layer3": layer3},
                 nn.Linear(c, num_classes),
                 norm=nn.BatchNorm2d(c),
             )
-            layer3, c = mk.stage(c_deep, k, AUX1_GROWTH_FACTOR * growth)
+            layer3, c = stage(c_deep, k, AUX1_GROWTH_FACTOR * growth)
             aux1 = Branch({"layer3": layer3}, nn.Linear(c, num_classes), norm=nn.BatchNorm2d(c))
             self.set_branches(aux1, aux2)
         init_weights(self)
@@ -173,15 +156,4 @@ class DenseNet(BranchedNet):
 def build(
     arch: str, num_classes: int, in_channels: int, with_branches: bool, dropout: float = 0.0
 ) -> DenseNet:
-    bottleneck, depth, growth, compression, branch_layers = SPECS[arch]
-    return DenseNet(
-        bottleneck,
-        depth,
-        growth,
-        compression,
-        branch_layers,
-        num_classes,
-        in_channels,
-        with_branches,
-        dropout,
-    )
+    return DenseNet(*SPECS[arch], num_classes, in_channels, with_branches, dropout)

@@ -38,19 +38,13 @@ class WideBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.shortcut = (
-            nn.Conv2d(in_channels, channels, 1, stride, bias=False)
-            if stride != 1 or in_channels != channels
-            else None
-        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        projects = stride != 1 or in_channels != channels
+        self.shortcut = nn.Conv2d(in_channels, channels, 1, stride, bias=False) if projects else None
 
     def forward(self, x: Tensor) -> Tensor:
         act = F.relu(self.bn1(x))
-        out = F.relu(self.bn2(self.conv1(act)), inplace=True)
-        if self.dropout is not None:
-            out = self.dropout(out)
-        out = self.conv2(out)
+        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(act)), inplace=True)))
         # A projecting shortcut sees the pre-activated input; an identity one the raw input.
         return out + (x if self.shortcut is None else self.shortcut(act))
 
