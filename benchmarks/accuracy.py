@@ -1,15 +1,11 @@
 """Accuracy on a short schedule: baseline, DSL, DHM as released, and DHM with an alpha warm-up.
 
-    python -m benchmarks.accuracy                      # 4 methods x 3 seeds, 8 epochs
-    python -m benchmarks.accuracy --quick              # smoke version: 2 epochs on 2,048 images, 1 seed
-    python -m benchmarks.accuracy --epochs 30 --variants baseline,dhm-warmup --seeds 1
-    python -m benchmarks.accuracy --variants investigate --seeds 1   # temperature, direction, ...
+    python -m benchmarks.accuracy [--quick] [--jobs 2] [--variants main|investigate|NAME,...] [--seeds N|a,b]
 
 Every run is `python train.py ...` (recipe `fashion-mnist-resnet20-short`) in a subprocess writing into
 <runs>/<name>/<variant>/seed<k>; a finished run of the same command is reused and an interrupted one
-resumes, so re-running continues where it stopped. <results>/accuracy-<name>.json, .md and .png are
-rewritten after every run. The protocol and why one thread per run (`--threads 1 --jobs 2` fills 2
-cores): docs/short_schedules.md.
+resumes. <results>/accuracy-<name>.json, .md and .png are rewritten after every run. The protocol and
+the figures: docs/short_schedules.md.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import ROOT, check, cli, environment, figure, option, parse_settings, portable_args
+from benchmarks.common import ROOT, check, cli, command_line, environment, figure, option, parse_settings
 from dhm_fast.logbook import read_log
 
 RECIPE = "fashion-mnist-resnet20-short"
@@ -88,7 +84,7 @@ class AccuracyConfig:
     jobs: int = option(1, "runs at the same time", ge=1)
     name: str | None = option(None, "results name (default e<epochs>-n<subset>-<amp>, or 'quick')")
     runs: Path = option(Path("runs/accuracy"), "run folders (relative paths are under the repository root)")
-    results: Path = option(ROOT / "benchmarks" / "results", "JSON/MD/PNG folder")
+    results: Path = option(Path("benchmarks/results"), "JSON/MD/PNG folder (relative: under the repository root)")
 
     @property
     def milestone_list(self) -> list[float]:
@@ -99,8 +95,8 @@ class AccuracyConfig:
     @property
     def seed_list(self) -> list[int]:
         try:
-            seeds = (list(range(int(self.seeds))) if "," not in self.seeds
-                     else [int(s) for s in self.seeds.split(",") if s.strip()])
+            seeds = [int(s) for s in self.seeds.split(",") if s.strip()] if "," in self.seeds else \
+                list(range(int(self.seeds)))
         except ValueError:
             raise ValueError(f"--seeds: expected a count or a comma-separated list, got {self.seeds!r}") from None
         if not seeds:
@@ -109,13 +105,15 @@ class AccuracyConfig:
 
     @property
     def variant_list(self) -> list[str]:
-        names: list[str] = []
-        for item in (s.strip() for s in self.variants.split(",") if s.strip()):
-            for v in GROUPS.get(item, [item]):
-                if v not in VARIANTS:
-                    raise ValueError(f"unknown variant {v!r}; choose from {', '.join([*GROUPS, *VARIANTS])}")
-                names += [] if v in names else [v]
-        return names
+        items = [s.strip() for s in self.variants.split(",") if s.strip()]
+        names = [v for item in items for v in GROUPS.get(item, [item])]
+        unknown = [v for v in names if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant {unknown[0]!r}; choose from {', '.join([*GROUPS, *VARIANTS])}")
+        return list(dict.fromkeys(names))
+
+    def folder(self, path: Path) -> Path:
+        return path if path.is_absolute() else ROOT / path
 
 
 def parse_args(argv: list[str] | None) -> AccuracyConfig:
@@ -149,8 +147,7 @@ def _finished(out: Path) -> bool:
 def run_once(args: AccuracyConfig, variant: str, seed: int, bench_command: str) -> dict:
     """Train one (variant, seed), or reuse a finished run of the same command; return its record."""
     rel = args.runs / args.name / variant / f"seed{seed}"  # as train.py sees it (cwd: the repository)
-    cmd = train_command(args, variant, seed, rel)
-    out = rel if rel.is_absolute() else ROOT / rel
+    cmd, out = train_command(args, variant, seed, rel), args.folder(rel)
     stamp = out / "bench_command.json"
     if stamp.is_file() and json.loads(stamp.read_text())["command"] != cmd:
         raise SystemExit(f"{out} holds a run of another command; pass another --name or remove it")
@@ -163,11 +160,10 @@ def run_once(args: AccuracyConfig, variant: str, seed: int, bench_command: str) 
         t0 = time.perf_counter()
         with open(out / "train_output.txt", "a") as f:
             proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - t0
         if proc.returncode != 0:
             return {"variant": variant, "seed": seed, "error": f"exit code {proc.returncode}, see "
                     f"{out / 'train_output.txt'}", "command": shlex.join(cmd)}
-        (out / "bench_wall.json").write_text(json.dumps({"wall_seconds": wall}))
+        (out / "bench_wall.json").write_text(json.dumps({"wall_seconds": time.perf_counter() - t0}))
     return {**read_run(out, variant, seed), "reused": done}
 
 
@@ -175,16 +171,13 @@ def read_run(out: Path, variant: str, seed: int) -> dict:
     stamp = json.loads((out / "bench_command.json").read_text())
     log = read_log(out, kind="epoch")
     wall_file = out / "bench_wall.json"
+    top1 = [r["val"]["heads"]["main"]["top1"] for r in log]
     return {
         "variant": variant, "seed": seed, "command": shlex.join(stamp["command"]),
-        "benchmark_command": stamp.get("benchmark"), "epochs": len(log),
-        "main_top1": log[-1]["val"]["heads"]["main"]["top1"],
+        "benchmark_command": stamp.get("benchmark"), "epochs": len(log), "main_top1": top1[-1],
         "heads_top1": {h: v["top1"] for h, v in log[-1]["val"]["heads"].items()},
-        "best_main_top1": max(r["val"]["heads"]["main"]["top1"] for r in log),
-        "curve_main_top1": [r["val"]["heads"]["main"]["top1"] for r in log],
-        "curve_alpha": [r["alpha"] for r in log],
-        "curve_mean_kl": [statistics.fmean(r["train"]["kl"].values()) if r["train"]["kl"] else None
-                          for r in log],
+        "best_main_top1": max(top1), "curve_main_top1": top1, "curve_alpha": [r["alpha"] for r in log],
+        "curve_mean_kl": [statistics.fmean(r["train"]["kl"].values()) if r["train"]["kl"] else None for r in log],
         "train_seconds": sum(r["train_seconds"] for r in log),
         "wall_seconds": json.loads(wall_file.read_text())["wall_seconds"] if wall_file.is_file() else None,
     }
@@ -196,14 +189,14 @@ def aggregate(records: list[dict], variants: list[str]) -> dict[str, dict]:
     for v in variants:
         ok = sorted((r for r in records if r["variant"] == v and "error" not in r), key=lambda r: r["seed"])
         accs = [r["main_top1"] for r in ok]
-        heads = {h: [r["heads_top1"][h] for r in ok] for h in (ok[0]["heads_top1"] if ok else {})}
         walls = [r["wall_seconds"] / 60 for r in ok if r["wall_seconds"]]
+        heads = ok[0]["heads_top1"] if ok else {}
         table[v] = {
             "description": VARIANTS[v][0], "flags": VARIANTS[v][1], "n": len(accs),
             "seeds": [r["seed"] for r in ok], "main_top1": accs,
             "mean": statistics.fmean(accs) if accs else None,
             "std": statistics.stdev(accs) if len(accs) > 1 else None,
-            "heads_mean": {h: statistics.fmean(x) for h, x in heads.items()},
+            "heads_mean": {h: statistics.fmean(r["heads_top1"][h] for r in ok) for h in heads},
             "minutes_per_run": statistics.fmean(walls) if walls else None,
             "errors": [r["error"] for r in records if r["variant"] == v and "error" in r],
         }
@@ -211,29 +204,26 @@ def aggregate(records: list[dict], variants: list[str]) -> dict[str, dict]:
 
 
 def collect_finished(args: AccuracyConfig) -> list[dict]:
-    """Every finished run under <runs>/<name>, whichever benchmark invocation trained it: two
-    invocations sharing a name (e.g. the main methods and the investigation) make one table. Runs
-    recorded in the results JSON whose folders are gone (trained on another machine) are kept."""
+    """Every finished run under <runs>/<name>, whichever invocation trained it, so that invocations sharing
+    a name make one table; runs recorded in the results JSON whose folders are gone (trained on another
+    machine) are kept, a folder's record replacing the recorded one."""
     found = {}
-    previous = args.results / f"accuracy-{args.name}.json"
+    previous = args.folder(args.results) / f"accuracy-{args.name}.json"
     if previous.is_file():
-        for r in json.loads(previous.read_text())["runs"]:
-            if "error" not in r and r["variant"] in VARIANTS:
-                found[r["variant"], r["seed"]] = r
-    root = args.runs if args.runs.is_absolute() else ROOT / args.runs
+        found = {(r["variant"], r["seed"]): r for r in json.loads(previous.read_text())["runs"]
+                 if "error" not in r and r["variant"] in VARIANTS}
     for variant in VARIANTS:
-        for out in sorted((root / args.name / variant).glob("seed*")):
+        for out in sorted((args.folder(args.runs) / args.name / variant).glob("seed*")):
             if (out / "bench_command.json").is_file() and _finished(out):
-                seed = int(out.name[len("seed"):])
+                seed = int(out.name.removeprefix("seed"))
                 found[variant, seed] = read_run(out, variant, seed)
     return list(found.values())
 
 
 def write_results(args: AccuracyConfig, errors: list[dict], command: str) -> Path:
     records = collect_finished(args) + errors
-    present = {r["variant"] for r in records}
-    variants = [v for v in VARIANTS if v in present or v in args.variant_list]  # a stable order
-    base = args.results / f"accuracy-{args.name}"
+    variants = [v for v in VARIANTS if v in {r["variant"] for r in records} or v in args.variant_list]  # stable order
+    base = args.folder(args.results) / f"accuracy-{args.name}"
     base.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": command,
@@ -256,10 +246,14 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return "-" if mean is None else f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
 def markdown(payload: dict) -> str:
     p = payload["protocol"]
     lines = [
-        f"Protocol: {p['arch']} on the first {p['train_subset']:,} {p['dataset']} training images, "
+        f"Protocol: {p['arch']} on {p['train_subset']:,} {p['dataset']} training images (a fixed random subset), "
         f"test on all {p['test_images']:,}; {p['epochs']} epochs, "
         f"lr x0.1 at epochs {', '.join(map(_num, p['milestones'])) or '(none)'}; "
         f"amp {p['amp']}{'; extra flags ' + p['extra'] if p['extra'] else ''}. Score: {p['score']} (%).",
@@ -280,41 +274,37 @@ def markdown(payload: dict) -> str:
         lines += ["", "Failed runs: " + "; ".join(errors)]
     first: dict[str, str] = {}  # variant -> the command of its first run
     for r in payload["runs"]:
-        first.setdefault(r["variant"], r["command"])
-    lines += ["", "One run of each variant (seed 0):", "", "```", *(f"python {c}" for c in first.values()), "```", ""]
-    return "\n".join(lines)
+        first.setdefault(r["variant"], f"python {r['command']}")
+    return "\n".join([*lines, "", "One run of each variant (seed 0):", "", "```", *first.values(), "```", ""])
 
 
 def plot(payload: dict, path: Path) -> None:
     variants = {k: v for k, v in payload["variants"].items() if v["n"]}
     if not variants:
         return
-    names = list(variants)
     with figure(path, dpi=90, ncols=3, figsize=(16, 0.5 * len(variants) + 3.5)) as (fig, (ax_acc, ax_curve, ax_kl)):
         import matplotlib
 
-        cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-        color = {name: cmap(i % cmap.N) for i, name in enumerate(names)}  # one colour per variant everywhere
-        for y, name in enumerate(names):
-            v = variants[name]
+        cmap = matplotlib.colormaps["tab10" if len(variants) <= 10 else "tab20"]
+        for y, (name, v) in enumerate(variants.items()):
+            color = cmap(y % cmap.N)  # one colour per variant in every panel
             ax_acc.scatter(v["main_top1"], [y] * v["n"], color="tab:gray", s=18, zorder=2)
-            ax_acc.errorbar(v["mean"], y, xerr=v["std"] or 0, fmt="o", color=color[name], capsize=4, zorder=3)
+            ax_acc.errorbar(v["mean"], y, xerr=v["std"] or 0, fmt="o", color=color, capsize=4, zorder=3)
             ax_acc.annotate(_fmt(v["mean"], v["std"]), (v["mean"], y), textcoords="offset points", xytext=(0, 7),
                             ha="center", fontsize=8)
-        ax_acc.set_yticks(range(len(names)), names)
+            runs = [r for r in payload["runs"] if r["variant"] == name and "error" not in r]
+            n_ep = min(len(r["curve_main_top1"]) for r in runs)
+            epochs = range(1, n_ep + 1)
+            ax_curve.plot(epochs, [statistics.fmean(r["curve_main_top1"][e] for r in runs) for e in range(n_ep)],
+                          marker=".", label=name, color=color)
+            kls = [r["curve_mean_kl"] for r in runs if r["curve_mean_kl"][0] is not None]
+            if kls:  # geometric mean over seeds: the KL spans decades
+                ax_kl.plot(epochs, [math.exp(statistics.fmean(math.log(max(c[e], 1e-12)) for c in kls))
+                                    for e in range(n_ep)], marker=".", label=name, color=color)
+        ax_acc.set_yticks(range(len(variants)), list(variants))
         ax_acc.invert_yaxis()
         ax_acc.set(title="main-head test top-1 after the last epoch (%)", xlabel="top-1 %")
         ax_acc.grid(alpha=0.3, axis="x")
-        for name in names:
-            runs = [r for r in payload["runs"] if r["variant"] == name and "error" not in r]
-            curves = [r["curve_main_top1"] for r in runs]
-            n_ep = min(len(c) for c in curves)
-            mean = [statistics.fmean(c[e] for c in curves) for e in range(n_ep)]
-            ax_curve.plot(range(1, n_ep + 1), mean, marker=".", label=name, color=color[name])
-            kls = [r["curve_mean_kl"] for r in runs if r["curve_mean_kl"][0] is not None]
-            if kls:
-                kl = [math.exp(statistics.fmean(math.log(max(c[e], 1e-12)) for c in kls)) for e in range(n_ep)]
-                ax_kl.plot(range(1, n_ep + 1), kl, marker=".", label=name, color=color[name])
         ax_curve.set(title="main-head test top-1 per epoch (mean over seeds)", xlabel="epoch", ylabel="top-1 %")
         ax_kl.set(title="mean pairwise train KL per epoch (heads agreeing)", xlabel="epoch", yscale="log")
         for ax in (ax_curve, ax_kl):
@@ -322,37 +312,20 @@ def plot(payload: dict, path: Path) -> None:
             if ax.lines:
                 ax.legend(fontsize=7)
         p = payload["protocol"]
-        fig.suptitle(f"{p['arch']} / {p['dataset']} first {p['train_subset']:,} images / {p['epochs']} epochs / "
+        fig.suptitle(f"{p['arch']} / {p['dataset']}, {p['train_subset']:,} training images / {p['epochs']} epochs / "
                      f"amp {p['amp']}")
 
 
 # ---------------------------------------------------------------------------- command line
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def _portable(argv: list[str]) -> list[str]:
-    """The command line as recorded in results: no machine's paths (see `common.portable_args`), and
-    `--results` left out when it names the default folder."""
-    out: list[str] = []
-    for arg in portable_args(argv):
-        if out and out[-1] == "--results" and (ROOT / arg).resolve() == (ROOT / "benchmarks" / "results"):
-            out.pop()
-            continue
-        out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     return cli(lambda: benchmark(parse_args(argv), argv))
 
 
 def benchmark(args: AccuracyConfig, argv: list[str] | None) -> None:
     jobs = [(v, s) for s in args.seed_list for v in args.variant_list]  # seed-major: every variant early
-    command = "python -m benchmarks.accuracy " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
-    print(f"command: {command}", flush=True)
-    print(f"{len(jobs)} runs ({', '.join(args.variant_list)} x seeds {args.seed_list}), {args.jobs} at a "
-          f"time, {args.threads} thread(s) each; runs in {args.runs / args.name}", flush=True)
+    command = command_line("benchmarks.accuracy", argv)
+    print(f"command: {command}\n{len(jobs)} runs ({', '.join(args.variant_list)} x seeds {args.seed_list}), "
+          f"{args.jobs} at a time, {args.threads} thread(s) each; runs in {args.runs / args.name}", flush=True)
     records: list[dict] = []
     lock = threading.Lock()
 

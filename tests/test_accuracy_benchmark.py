@@ -41,8 +41,11 @@ def test_results_keep_runs_whose_folders_are_gone_and_prefer_the_folders(tmp_pat
     assert table["baseline"]["mean"] == 85.0
 
 
-def test_recorded_command_has_no_machine_paths():
+def test_recorded_command_has_no_machine_paths_and_default_folders_are_in_the_repository():
     root = accuracy.ROOT
-    argv = ["--results", str(root / "benchmarks" / "results"), "--runs", str(root / "runs" / "x"), "--seeds", "0,"]
-    assert accuracy._portable(argv) == ["--runs", "runs/x", "--seeds", "0,"]
-    assert accuracy._portable(["--results", "/elsewhere"]) == ["--results", "/elsewhere"]
+    argv = ["--runs", str(root / "runs" / "x"), "--seeds", "0,"]
+    command = accuracy.command_line("benchmarks.accuracy", argv)
+    assert command == "python -m benchmarks.accuracy --runs runs/x --seeds 0,"
+    args = accuracy.parse_args(argv)
+    assert args.folder(args.runs) == root / "runs" / "x"
+    assert args.folder(args.results) == root / "benchmarks" / "results"
