@@ -132,14 +132,10 @@ def train_step(
     temperature: float,
     mark: Callable[[str], contextlib.AbstractContextManager] | None = None,
 ) -> list[tuple[Tensor, LossStats, int]]:
-    """One optimizer step: forward under autocast, loss, backward (scaled when a GradScaler is set)
-    for each micro-batch, then the optimizer step. The trainer and the throughput benchmark both run
-    exactly this. Returns each micro-batch's detached loss, its stats and its size; nothing here
-    reads a device value on the host.
-
-    Each micro-batch's loss is divided by their number, so the step sees the gradient of the mean;
-    under DDP only the last backward all-reduces (the others run inside `no_sync`). `mark(name)`
-    wraps each phase (forward, loss, backward, optimizer), e.g. with a profiler label.
+    """One optimizer step (the trainer's and the throughput benchmark's): forward under autocast, loss
+    and backward for each micro-batch, each loss divided by their number (docs/distributed.md,
+    "Gradient accumulation"), then the optimizer step. Returns each micro-batch's detached loss, stats
+    and size without a host read. `mark(phase)` wraps each phase, e.g. with a profiler label.
     """
     mark = mark or (lambda _phase: contextlib.nullcontext())
     parts.optimizer.zero_grad(set_to_none=True)

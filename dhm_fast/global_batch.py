@@ -1,15 +1,6 @@
-"""Global batch semantics: how `--batch-size` splits over processes and micro-batches, and how the
-recipe's learning rate follows the global batch.
-
-`--batch-size` is the GLOBAL batch: the samples behind one optimizer step, summed over every process
-and every accumulated micro-batch. A recipe therefore means the same optimisation on 1 GPU or 64:
-
-    per-process micro-batch = batch_size / (world_size * grad_accum)    (must divide exactly)
-
-Linear scaling rule (Goyal et al., 2017): the recipe's `lr` belongs to the recipe's `batch_size`.
-When the global batch differs and `--scale-lr` is on (the default), the recipe's rate is multiplied
-by batch / recipe batch; a larger batch also gets a linear warm-up (unless one is asked for) of
-min(5, epochs / 10) epochs. An explicit `--lr` is taken as given: the user chose it for their batch.
+"""The global batch: how `--batch-size` splits over processes and micro-batches, and how the recipe's
+learning rate follows it (the linear scaling rule of Goyal et al., 2017). docs/distributed.md, "The
+batch size is global", gives the rules and why.
 """
 
 from __future__ import annotations
@@ -46,12 +37,9 @@ def scale_lr(
 ) -> ScaledLR:
     """The learning rate and warm-up a run uses, from the recipe's and the user's values."""
     warmup = recipe_warmup if explicit_warmup is None else explicit_warmup
-    if explicit_lr is not None:
-        return ScaledLR(explicit_lr, warmup)
-    if not enabled or batch == recipe_batch:
-        return ScaledLR(recipe_lr, warmup)
+    if explicit_lr is not None or not enabled:  # an explicit lr was chosen for the user's batch
+        return ScaledLR(recipe_lr if explicit_lr is None else explicit_lr, warmup)
     factor = batch / recipe_batch
-    lr = recipe_lr * factor
     if factor > 1 and explicit_warmup is None:
         warmup = max(warmup, min(MAX_WARMUP_EPOCHS, epochs / 10))
-    return ScaledLR(lr, warmup)
+    return ScaledLR(recipe_lr * factor, warmup)

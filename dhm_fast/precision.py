@@ -1,13 +1,9 @@
 """The speed settings that depend on the device: autocast dtype, memory layout and TF32.
 
-`--amp auto` and an unset `--channels-last` resolve here once the device is known:
-- CUDA: bf16 autocast where the GPU supports it (Ampere and newer), else fp16 with a GradScaler;
-  channels_last (tensor-core convolutions want NHWC); TF32 matmuls and convolutions unless
-  --deterministic asks for bitwise reproducibility.
-- CPU: bf16 autocast only where the CPU has native bf16 arithmetic (AMX or AVX512-BF16); on an
-  AVX2-only CPU a ResNet-20 DHM step measured 10x slower in bf16 than in fp32. NCHW on the CPU (no
-  clear difference measured on the development machine; --channels-last asks for NHWC).
-Explicit values are kept as given. `Speed.notes` says what was chosen and why, for the log's first lines.
+`--amp auto` and an unset `--channels-last` resolve here once the device is known (explicit values are
+kept); `Speed.notes` says what was chosen and why, for the log's first lines. On the CPU bf16 needs
+native bf16 arithmetic (AMX or AVX512-BF16): on an AVX2-only CPU a ResNet-20 DHM step measured 10x
+slower in bf16 than in fp32. TF32 is off under --deterministic.
 """
 
 from __future__ import annotations

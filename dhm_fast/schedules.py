@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
@@ -74,9 +73,3 @@ class Ramp:
 def ramp_epochs(spec: float, total_epochs: float) -> float:
     """A warm-up length given as epochs (>= 1) or as a fraction of training (< 1)."""
     return spec * total_epochs if 0 < spec < 1 else spec
-
-
-def parse_milestones(text: str | Sequence[float]) -> tuple[float, ...]:
-    if isinstance(text, str):
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    return tuple(float(x) for x in text)

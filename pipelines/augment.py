@@ -1,15 +1,9 @@
 """The training crop and flip of the folder backends (torchvision, DALI), drawn in the main process.
 
-A batch's random numbers come from (seed, epoch, rank, batch index) alone, so a sample's augmentation
-does not depend on the number of workers, on which worker decodes it, or on where a resumed run
-restarts: batch b of a resumed epoch is bit-for-bit the batch b of the uninterrupted one. Both
-backends turn the same numbers into the same source rectangle:
-
-  scale_aug=True:  torchvision's RandomResizedCrop rule: up to ATTEMPTS tries of an area fraction in
-                   `scale` and a log-uniform aspect ratio in `ratio`, else a centre crop
-  scale_aug=False: a square of image_size / val_resize of the shorter side at a uniform position
-                   (= resize the shorter side to val_resize, then a random image_size crop)
-then the rectangle is resized to image_size x image_size and flipped with probability 1/2.
+A batch's random numbers come from (seed, epoch, rank, batch index) alone, so neither the number of
+workers nor where a resumed run restarts changes a batch (docs/data.md, "Augmentation"). Both backends
+turn them into the same source rectangle, resized to image_size x image_size and flipped with
+probability 1/2.
 """
 
 from __future__ import annotations
@@ -45,7 +39,9 @@ class TrainCrop:
                    config.image_size / config.val_resize)
 
     def box(self, draws: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, crop height, crop width) in an image of `height` x `width` pixels."""
+        """(top, left, crop height, crop width) in an image of `height` x `width` pixels: with scale_aug,
+        torchvision's RandomResizedCrop rule; without, a square of `fraction` of the shorter side at a
+        uniform position (= resize the shorter side to val_resize, then a random image_size crop)."""
         if not self.scale_aug:
             side = max(1, min(height, width, round(self.fraction * min(height, width))))
             return (_position(draws[POS_Y], height - side), _position(draws[POS_X], width - side), side, side)

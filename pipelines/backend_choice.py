@@ -1,12 +1,4 @@
-"""Which backend `--loader auto` picks, and why (logged by the trainer).
-
-  1. a small dataset (Fashion-MNIST, CIFAR)         -> memory: the whole set is one tensor on the device
-  2. --train-beton/--val-beton given and FFCV found -> ffcv
-  3. training on CUDA and DALI found                -> dali, decoding JPEGs on the GPU
-  4. otherwise                                      -> torchvision
-DALI's CPU mode is never chosen automatically: torchvision drops a file that fails to decode at run
-time, DALI loses the whole batch (ask for it with --loader dali on a validated dataset).
-"""
+"""Which backend `--loader auto` picks, and why (logged by the trainer; the rule is in docs/data.md)."""
 
 from __future__ import annotations
 

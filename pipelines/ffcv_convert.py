@@ -1,14 +1,8 @@
 """Convert an ImageFolder dataset (train/ and val/) into FFCV .beton files.
 
-    python -m pipelines.ffcv_convert --data-dir /data/imagenet --out /data/ffcv \\
-        --max-resolution 512 --jpeg-quality 90 --write-mode proportion --compress-probability 0.5
-
-writes OUT/train.beton, OUT/val.beton and OUT/classes.txt (class index -> folder name, the sorted
-folder names every backend uses). Files are checked first (pipelines.imagefolder): bad ones are
-skipped and listed, or stop the conversion with --strict-data. Images are stored RGB, their longer
-side capped at --max-resolution, as JPEG (--write-mode jpg), raw pixels (raw), a random share of
-JPEGs (proportion, --compress-probability) or JPEG only for images above --smart-threshold bytes
-(smart). Raw pixels decode fastest and take the most disk; FFCV's ImageNet recipe uses proportion.
+Writes OUT/train.beton, OUT/val.beton and OUT/classes.txt (class index -> the sorted folder names every
+backend uses). Files are checked first (pipelines.imagefolder): bad ones are skipped and listed, or stop
+the conversion with --strict-data. Usage and write modes: docs/data.md, "FFCV files".
 """
 
 from __future__ import annotations
@@ -18,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,26 +60,14 @@ def page_size_for(max_resolution: int | None, write_mode: str) -> int:
     return max(DEFAULT_PAGE, 1 << (need - 1).bit_length())
 
 
-def write_beton(images: ImageList, out: Path, *, max_resolution: int | None, jpeg_quality: int,
-                write_mode: str, compress_probability: float, smart_threshold: int | None,
-                num_workers: int, page_size: int | None = None) -> None:
-    from ffcv.fields import IntField, RGBImageField
+def write_beton(images: ImageList, out: Path, fields: dict, num_workers: int, page_size: int) -> None:
+    """`images` as the .beton file `out`, written under a temporary name and renamed when complete."""
     from ffcv.writer import DatasetWriter
 
-    if write_mode not in WRITE_MODES:
-        raise ValueError(f"unknown write mode {write_mode!r}; choose one of {', '.join(WRITE_MODES)}")
-    fields = {
-        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                               smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
-                               compress_probability=compress_probability),
-        "label": IntField(),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     with tempfile.TemporaryDirectory() as failures:
-        writer = DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers),
-                               page_size=page_size or page_size_for(max_resolution, write_mode))
-        print(f"writing {out} ({len(images)} images, {write_mode})", file=sys.stderr, flush=True)
+        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers, page_size=page_size)
+        print(f"writing {out} ({len(images)} images)", file=sys.stderr, flush=True)
         writer.from_indexed_dataset(_FolderSamples(images, failures), chunksize=64)
         failed = [line for name in sorted(os.listdir(failures))
                   for line in Path(failures, name).read_text(encoding="utf-8").splitlines()]
@@ -97,38 +80,41 @@ def write_beton(images: ImageList, out: Path, *, max_resolution: int | None, jpe
     os.replace(tmp, out)
 
 
-def convert(data_dir: str, out_dir: str, *, max_resolution: int | None = None, jpeg_quality: int = 90,
+def convert(data_dir: str, out: str, *, max_resolution: int | None = None, jpeg_quality: int = 90,
             write_mode: str = "proportion", compress_probability: float = 0.5,
             smart_threshold: int | None = None, num_workers: int | None = None, strict: bool = False,
-            validation: str = "header", splits: tuple[str, ...] = ("train", "val"),
+            validation: str = "header", splits: Sequence[str] = ("train", "val"),
             page_size: int | None = None, cache_dir: str | None = None) -> dict[str, Path]:
     """Write OUT/<split>.beton for each split plus OUT/classes.txt; returns the written paths."""
+    from ffcv.fields import IntField, RGBImageField
+
+    if write_mode not in WRITE_MODES:
+        raise ValueError(f"unknown write mode {write_mode!r}; choose one of {', '.join(WRITE_MODES)}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in [1, 100], got {jpeg_quality}")
     if max_resolution is not None and max_resolution < 8:
         raise ValueError(f"--max-resolution must be at least 8, got {max_resolution}")
     if not 0.0 <= compress_probability <= 1.0:
         raise ValueError(f"--compress-probability must be in [0, 1], got {compress_probability}")
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                               smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
+                               compress_probability=compress_probability),
+        "label": IntField(),
+    }
     train, val = scan_imagefolder(data_dir, strict=strict, mode=validation, cache_dir=cache_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("".join(c + "\n" for c in train.classes), encoding="utf-8")
-    written = {}
-    for split, images in (("train", train), ("val", val)):
-        if split not in splits:
-            continue
-        target = out / f"{split}.beton"
-        write_beton(images, target, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
-                    write_mode=write_mode, compress_probability=compress_probability,
-                    smart_threshold=smart_threshold, num_workers=num_workers or os.cpu_count() or 1,
-                    page_size=page_size)
-        written[split] = target
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("".join(c + "\n" for c in train.classes), encoding="utf-8")
+    written = {split: folder / f"{split}.beton" for split in ("train", "val") if split in splits}
+    for split, path in written.items():
+        write_beton(train if split == "train" else val, path, fields, max(1, num_workers or os.cpu_count() or 1),
+                    page_size or page_size_for(max_resolution, write_mode))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.ffcv_convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pipelines.ffcv_convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="ImageFolder root with train/ and val/")
     p.add_argument("--out", required=True, help="folder for train.beton, val.beton and classes.txt")
     p.add_argument("--max-resolution", type=int, default=None, help="cap on the longer side (pixels)")
@@ -143,17 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validation", choices=VALIDATION_MODES, default="header",
                    help="check file headers (fast) or decode every file first (full)")
     p.add_argument("--cache-dir", default=None, help="validation cache folder (default ~/.cache/dhm_fast)")
-    p.add_argument("--strict-data", action="store_true",
+    p.add_argument("--strict-data", dest="strict", action="store_true",
                    help="stop at the first bad file instead of skipping it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        written = convert(args.data_dir, args.out, max_resolution=args.max_resolution,
-                          jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
-                          compress_probability=args.compress_probability,
-                          smart_threshold=args.smart_threshold,
-                          num_workers=args.num_workers, strict=args.strict_data, validation=args.validation,
-                          splits=tuple(args.splits), page_size=args.page_size, cache_dir=args.cache_dir)
+        written = convert(**vars(args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

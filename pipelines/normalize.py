@@ -1,10 +1,8 @@
 """Turn a uint8 image batch into the model's input: float32, normalised, optionally channels-last.
 
-Backends hand over uint8 batches (4x less to copy than float) and this runs on the training device,
-on the whole batch at once. On the CPU the native op `dhm_fast::crop_normalize`
-(kernels/crop_normalize_cpu.cpp, in the native library `kernels`) does it in one pass from any input
-layout, through a [C, 256] table of the 256 possible results per channel; elsewhere, or without the
-extension, torch's multiply-add. Both give bitwise-equal batches.
+On the CPU the native op `dhm_fast::crop_normalize` (from `kernels`) does it in one pass through a
+[C, 256] table; elsewhere, or without the library, torch's multiply-add gives the same bits
+(docs/data.md).
 """
 
 from __future__ import annotations

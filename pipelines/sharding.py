@@ -1,14 +1,9 @@
 """Which samples one process reads in one epoch, and the seeds of its randomness: one rule for every
-backend.
+backend (docs/data.md, "Order, sharding, resuming" and "--train-subset N").
 
-Train: a permutation drawn from (seed, epoch), cut into `world_size` equal shards (the last
-n % world_size samples of that permutation wait for another epoch, so every process runs the same
-number of steps). Val: sample i goes to process i % world_size, in order, so across processes every
-sample is seen exactly once and nothing is padded or duplicated (shards may differ by one sample).
-Every backend uses this permutation, so every backend visits the samples in the same order.
-
-`--train-subset N` keeps N training samples drawn with a fixed seed (not --seed), before sharding,
-in dataset order: every seed, backend and world size trains on the same images.
+Train: a permutation drawn from (seed, epoch) cut into `world_size` equal shards (the last
+n % world_size samples wait for another epoch, so every process runs the same number of steps).
+Val: sample i goes to process i % world_size, so every sample is seen exactly once.
 """
 
 from __future__ import annotations

@@ -14,9 +14,8 @@ def available_cores() -> int:
 
 
 def default_num_workers() -> int:
-    """The cores available to this process, shared with the other processes of its node that the
-    launcher started (LOCAL_WORLD_SIZE, set by torchrun), less one for the process's own training loop;
-    at least 1."""
+    """The cores available to this process over the processes of its node (LOCAL_WORLD_SIZE), less one
+    for the training loop; at least 1 (docs/data.md, "Workers")."""
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, available_cores() // local_processes - 1)
 

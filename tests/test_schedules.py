@@ -20,7 +20,7 @@ import pipelines.memory
 from dhm_fast import checkpoint, logbook
 from dhm_fast.cli import main
 from dhm_fast.losses import LossConfig
-from dhm_fast.schedules import LRSchedule, Ramp, parse_milestones, ramp_epochs
+from dhm_fast.schedules import LRSchedule, Ramp, ramp_epochs
 from pipelines.small_datasets import ArraySplit
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -69,11 +69,6 @@ def test_constant_lr_and_unknown_kind():
     assert {LRSchedule(0.3, "constant").lr(e) for e in (0, 1.5, 99)} == {0.3}
     with pytest.raises(ValueError, match="unknown lr schedule 'step'; choose one of multistep"):
         LRSchedule(0.1, "step")
-
-
-def test_parse_milestones():
-    assert parse_milestones("30, 60,") == (30.0, 60.0)
-    assert parse_milestones([81, 122]) == (81.0, 122.0)
 
 
 # ---------------------------------------------------------------------------- alpha / temperature ramps
