@@ -1,13 +1,11 @@
 """Training throughput of baseline, DSL, DKS, DHM and sampled DHM, side by side in one process.
 
-    python -m benchmarks.throughput --arch resnet32 --image-size 32
-    python -m benchmarks.throughput --arch resnet50 --image-size 224 --batch-size 256 \\
-        --precision bf16 --channels-last --compile --profile
+    python -m benchmarks.throughput --arch resnet32 --image-size 32 [--precision bf16 --channels-last --profile]
 
 Each variant ("dhm-p0.5": DHM with branch probability 0.5) runs the trainer's own loop and step
-(`dhm_fast.engine`), built the trainer's way, in short timed blocks interleaved with the other variants
-and rotated every repeat. Outputs in --out (written by `benchmarks.throughput_report`): throughput.json,
-throughput.png and, with --profile, a Chrome trace per variant. How it measures: docs/benchmarks.md.
+(`dhm_fast.engine`), built the trainer's way, in short timed blocks interleaved with the other variants and
+rotated every repeat. Outputs in --out (written by `benchmarks.throughput_report`); how it measures and
+what each figure means: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -28,14 +27,14 @@ from torch import Tensor, nn
 
 from benchmarks import flops as flopcount
 from benchmarks import throughput_report as report
-from benchmarks.common import check, cli, device_name, log, max_rss_bytes, option, parse_settings, sync
+from benchmarks.common import check, cli, device_name, log, option, parse_settings, sync
 from benchmarks.flops import Pattern
 from dhm_fast import distributed, precision
 from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, step_parts, train_one_epoch, train_step
 from dhm_fast.errors import UserError
 from dhm_fast.metrics import TrainMeter
-from dhm_fast.models import IMAGENET_ARCHS, MODEL_NAMES
+from dhm_fast.models import IMAGENET_ARCHS
 from dhm_fast.optim import OPTIMIZER_IMPLS, build_optimizer
 from dhm_fast.run import build_model
 from dhm_fast.sampling import BranchSampler
@@ -43,14 +42,12 @@ from dhm_fast.telemetry import for_device
 from pipelines import BACKENDS, Loader, LoaderConfig, create_loaders
 
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
-DEFAULT_VARIANTS = "baseline,dsl,dks,dhm,dhm-p0.5"
 FULL = {"warmup": 3, "steps": 5, "repeats": 8}
 QUICK = {"warmup": 1, "steps": 2, "repeats": 2}
+PROFILE_STEPS = 3
 
 
 class Variant(NamedTuple):
-    """A method as benchmarked: `dhm-p0.5` is DHM with each branch on with probability 0.5."""
-
     name: str
     method: str
     branch_prob: float = 1.0
@@ -63,26 +60,23 @@ def parse_variants(text: str) -> list[Variant]:
         m = re.fullmatch(r"(baseline|dsl|dks|dhm)(?:-p([0-9.]+))?", item)
         if m is None:
             raise ValueError(f"unknown variant {item!r}; use baseline, dsl, dks, dhm or dhm-pP (0 <= P <= 1)")
-        prob = float(m.group(2)) if m.group(2) else 1.0
-        if not 0.0 <= prob <= 1.0 or (m.group(2) and m.group(1) != "dhm"):
+        if m.group(2) and (m.group(1) != "dhm" or not 0.0 <= float(m.group(2)) <= 1.0):
             raise ValueError(f"variant {item!r}: only dhm takes a branch probability, in [0, 1]")
-        out.append(Variant(item, m.group(1), prob))
+        out.append(Variant(item, m.group(1), float(m.group(2) or 1.0)))
     if len({v.name for v in out}) != len(out):
         raise ValueError(f"--methods lists a variant twice: {text!r}")
-    if not any(v.method == "baseline" for v in out):
-        out.insert(0, Variant("baseline", "baseline"))
-    return out
+    return out if any(v.method == "baseline" for v in out) else [Variant("baseline", "baseline"), *out]
 
 
 @dataclass
 class BenchConfig:
-    arch: str = option("resnet32", "network", MODEL_NAMES)
+    arch: str = option("resnet32", "network (any name dhm_fast.models.create_model builds)")
     image_size: int = option(32, ge=1)
     batch_size: int | None = option(None, "per device (default 128 on CUDA, 32 on CPU)", ge=1)
     num_classes: int | None = option(None, "default 1000 (ImageNet archs) or 100", ge=1)
     in_channels: int = option(3, ge=1)
-    methods: str = option(DEFAULT_VARIANTS, "variants: baseline, dsl, dks, dhm, dhm-pP (DHM with branch "
-                          "probability P); the baseline is always added")
+    methods: str = option("baseline,dsl,dks,dhm,dhm-p0.5", "variants: baseline, dsl, dks, dhm, dhm-pP (DHM with "
+                          "branch probability P); the baseline is always added")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     precision: str = option("fp32", "autocast dtype (fp16 adds a GradScaler)", tuple(PRECISIONS))
     channels_last: bool = option(False)
@@ -96,51 +90,45 @@ class BenchConfig:
                                 f"({FULL['warmup']})", ge=0)
     steps: int | None = option(None, f"timed steps per block ({FULL['steps']})", ge=1)
     repeats: int | None = option(None, f"blocks per variant, interleaved across variants ({FULL['repeats']})", ge=1)
-    loss_iters: int | None = option(None, "isolated loss timings per block (default: --steps)", ge=1)
     threads: int | None = option(None, "torch CPU threads", ge=1)
     reference_loss: bool = option(False, "use the plain-PyTorch loss, not the fused op")
     optimizer_impl: str = option("fused", "torch's SGD kernels (the trainer uses fused)", OPTIMIZER_IMPLS)
-    profile: bool = option(False, "write a torch.profiler Chrome trace per variant")
-    profile_steps: int = option(3, ge=1)
+    profile: bool = option(False, f"write a torch.profiler Chrome trace of {PROFILE_STEPS} steps per variant")
     out: str = option("bench_out/throughput")
     seed: int = option(0)
     quick: bool = option(False, "a smoke test: 1 warm-up step, 2 repeats x 2 steps (explicit flags still win)")
 
     def resolve(self, device: torch.device) -> None:
         """The defaults that depend on --quick, the device and the network; then every value checked."""
-        preset = QUICK if self.quick else FULL
-        defaults = {**preset, "batch_size": 128 if device.type == "cuda" else 32,
-                    "num_classes": 1000 if self.arch in IMAGENET_ARCHS else 100,
-                    "loss_iters": preset["steps"] if self.steps is None else self.steps}
+        defaults = {**(QUICK if self.quick else FULL), "batch_size": 128 if device.type == "cuda" else 32,
+                    "num_classes": 1000 if self.arch in IMAGENET_ARCHS else 100}
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.quick:
-            self.profile_steps = min(self.profile_steps, 2)
         check(self)
 
 
 # --- data -----------------------------------------------------------------------------------------
 
 
-def open_loader(cfg: BenchConfig, device: torch.device) -> Loader:
-    """The training loader: synthetic batches made on the device, or the real backend --loader names."""
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+def endless(cfg: BenchConfig, device: torch.device) -> tuple[Loader, Iterator[tuple[Tensor, Tensor]]]:
+    """The training loader (synthetic batches made on the device, or the real backend --loader names) and
+    its batches, epoch after epoch; a loader that stays on the host is copied to the device here, inside
+    the timed step."""
     train, val = create_loaders(LoaderConfig(
         backend=cfg.loader, dataset=cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size,
         device=str(device), channels_last=cfg.channels_last, seed=cfg.seed, num_workers=cfg.num_workers,
-        image_size=cfg.image_size, synthetic_shape=shape, synthetic_classes=cfg.num_classes, synthetic_batches=4))
+        image_size=cfg.image_size, synthetic_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+        synthetic_classes=cfg.num_classes, synthetic_batches=4))
     val.close()
-    return train
 
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for epoch in itertools.count():
+            train.set_epoch(epoch)
+            for images, labels in train:
+                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-def endless(loader: Loader, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """The loader's batches, epoch after epoch. A loader that stays on the host (e.g. torchvision) is
-    copied to the device here, inside the timed step."""
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        for images, labels in loader:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return train, batches()
 
 
 def timed(batches: Iterator, n: int, stamps: list[float], device: torch.device) -> Iterator:
@@ -180,6 +168,10 @@ class Bench:
         heads = self.model.num_heads
         return [(True,) * heads] if self.parts.sampler.always_all else flopcount.patterns(heads)
 
+    def step(self, batch: tuple[Tensor, Tensor], active: Pattern, mark=None) -> None:
+        """One trainer step on a chosen branch pattern, for warm-up and profiling (phases labelled by `mark`)."""
+        train_step(self.parts, [batch], active, self.parts.alpha.at(0.0), self.parts.temperature.at(0.0), mark)
+
 
 def build_bench(variant: Variant, cfg: BenchConfig, loader: Loader, device: torch.device, autocast,
                 needs_scaler: bool) -> Bench:
@@ -197,40 +189,10 @@ def build_bench(variant: Variant, cfg: BenchConfig, loader: Loader, device: torc
     return Bench(variant, model, parts, Progress(), TrainMeter(model.num_heads, device))
 
 
-def run_block(bench: Bench, batches: Iterator, steps: int, device: torch.device) -> list[float]:
-    """`steps` trainer steps; returns each step's seconds (and remembers the patterns drawn)."""
-    stamps: list[float] = []
-    first = bench.progress.step
-    try:
-        train_one_epoch(bench.parts, timed(batches, steps, stamps, device), bench.progress, bench.meter,
-                        steps_per_epoch=10**12, log_every=10**12)
-    except NonFiniteLoss as err:  # raised after the block's steps: their times still count
-        bench.nonfinite = str(err)
-    bench.block_patterns.append([bench.parts.sampler.active(0, s) for s in range(first, bench.progress.step)])
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-
-
-def warm_up(bench: Bench, batches: Iterator, warmup: int, device: torch.device) -> None:
-    """Untimed steps: allocator, cuDNN autotuning, torch.compile, and every branch pattern once."""
-    for _ in range(warmup):
-        step_once(bench, next(batches), bench.parts.sampler.active(0, 0))
-    for pattern in bench.patterns if len(bench.patterns) > 1 else []:
-        step_once(bench, next(batches), pattern)
-    sync(device)
-
-
-def step_once(bench: Bench, batch: tuple[Tensor, Tensor], active: Pattern, mark=None) -> None:
-    """One trainer step on a chosen branch pattern, for warm-up and profiling (phases labelled by `mark`)."""
-    p = bench.parts
-    train_step(p, [batch], active, p.alpha.at(0.0), p.temperature.at(0.0), mark)
-
-
-# --- loss timing, FLOPs, memory --------------------------------------------------------------------
-
-
-def measure_patterns(bench: Bench, batches: Iterator, autocast) -> None:
-    """For every pattern this variant can draw: FLOPs and saved-activation bytes per image (counted on
-    two images), and the logits of one forward of a whole batch, kept to time the loss alone."""
+def prepare(bench: Bench, batches: Iterator, warmup: int, autocast, device: torch.device) -> None:
+    """For every pattern the variant can draw: FLOPs and saved-activation bytes per image (counted on two
+    images) and the logits of one whole batch, kept to time the loss alone. Then untimed steps (allocator,
+    cuDNN autotuning, torch.compile) and, when sampling, every branch pattern once."""
     images, labels = next(batches)
     for pat in bench.patterns:
         fwd, step, saved = flopcount.step_costs(bench.model, images[:2], labels[:2], pat, bench.parts.loss, autocast)
@@ -238,29 +200,47 @@ def measure_patterns(bench: Bench, batches: Iterator, autocast) -> None:
         with torch.no_grad(), autocast():
             bench.probes[pat] = list(bench.model(images, active=pat))
     bench.probe_labels = labels
+    for _ in range(warmup):
+        bench.step(next(batches), bench.parts.sampler.active(0, 0))
+    for pattern in bench.patterns if len(bench.patterns) > 1 else []:
+        bench.step(next(batches), pattern)
+    sync(device)
 
 
-def time_loss(bench: Bench, patterns: list[Pattern], iters: int, device: torch.device) -> list[float]:
-    """Seconds of the step's loss forward + its backward (to the logits) for `iters` draws of `patterns`."""
-    out = []
+def run_block(bench: Bench, batches: Iterator, steps: int, device: torch.device) -> None:
+    """`steps` trainer steps, each timed (and the patterns drawn remembered)."""
+    stamps: list[float] = []
+    first = bench.progress.step
+    try:
+        train_one_epoch(bench.parts, timed(batches, steps, stamps, device), bench.progress, bench.meter,
+                        steps_per_epoch=10**12, log_every=10**12)
+    except NonFiniteLoss as err:  # raised after the block's steps: their times still count
+        bench.nonfinite = str(err)
+    bench.step_times.append([b - a for a, b in itertools.pairwise(stamps)])
+    bench.block_patterns.append([bench.parts.sampler.active(0, s) for s in range(first, bench.progress.step)])
+
+
+def time_loss(bench: Bench, iters: int, device: torch.device) -> None:
+    """`iters` timings of the step's loss forward + its backward (to the logits) on the kept logits of
+    the patterns the last block drew."""
+    patterns = bench.block_patterns[-1] or bench.patterns[:1]
+    times = []
     for i in range(iters):
         pat = patterns[i % len(patterns)]
         leaves = [x.clone().requires_grad_() if x is not None else None for x in bench.probes[pat]]
         sync(device)
         t0 = time.perf_counter()
-        loss, _ = bench.parts.loss.compute(leaves, bench.probe_labels, active=pat)
-        loss.backward()
+        bench.parts.loss.compute(leaves, bench.probe_labels, active=pat)[0].backward()
         sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+        times.append(time.perf_counter() - t0)
+    bench.loss_times.append(times)
 
 
 def resident_bytes(bench: Bench) -> int:
     """Bytes the variant keeps between steps: parameters, their gradients, optimizer state."""
     params = list(bench.model.parameters())
     state = [t for s in bench.parts.optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
-    tensors = params + [p.grad for p in params if p.grad is not None] + state
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in params + [p.grad for p in params if p.grad is not None] + state)
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -274,6 +254,11 @@ def set_threads(threads: int | None, device: torch.device) -> None:
         # and erratic (threads wait at barriers for descheduled siblings); 1 thread was stable.
         log(f"warning: the CPU is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); "
             "--threads 1 gives steadier figures")
+
+
+def rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
@@ -292,10 +277,9 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
     autocast = precision.autocast_factory(speed, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rss0 = max_rss_bytes()
+    rss0 = rss_bytes()
 
-    loader = open_loader(cfg, device)
-    batches = endless(loader, device)
+    loader, batches = endless(cfg, device)
     images, _ = next(batches)
     # A real loader decides the resolution, classes and channels.
     cfg.image_size, cfg.num_classes, cfg.in_channels = int(images.shape[-1]), loader.num_classes, loader.in_channels
@@ -307,8 +291,7 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
         f"{device} ({device_name(device)}), data: {loader.name}, loss: {loss_backend}")
     for b in benches:
         log(f"warm-up and FLOP count: {b.variant.name}")
-        measure_patterns(b, batches, autocast)
-        warm_up(b, batches, cfg.warmup, device)
+        prepare(b, batches, cfg.warmup, autocast, device)
 
     telemetry = for_device(device)
     if not telemetry.start():
@@ -322,23 +305,22 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
                     sync(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device) - resident_bytes(b)
-                b.step_times.append(run_block(b, batches, cfg.steps, device))
+                run_block(b, batches, cfg.steps, device)
                 if device.type == "cuda":
                     b.peak_bytes = max(b.peak_bytes or 0, torch.cuda.max_memory_allocated(device) - base)
                 telemetry.set_label(None)
-                b.loss_times.append(time_loss(b, b.block_patterns[-1] or [(True,) * b.model.num_heads],
-                                              cfg.loss_iters, device))
+                time_loss(b, cfg.steps, device)
             log(f"repeat {r + 1}/{cfg.repeats}: " + ", ".join(
                 f"{b.variant.name} {cfg.batch_size * len(b.step_times[-1]) / sum(b.step_times[-1]):.1f}"
                 for b in benches) + " img/s")
     finally:
         telemetry.stop()
 
-    traces = profile_all(benches, batches, cfg.profile_steps, device, out) if cfg.profile else []
+    traces = profile_all(benches, batches, device, out) if cfg.profile else []
     loader.close()
     result = report.summarise(benches, cfg, device, telemetry, traces, loader.name, loss_backend, argv)
     if device.type == "cpu":
-        result["memory"]["process_rss_growth_bytes"] = max(max_rss_bytes() - rss0, 0)
+        result["memory"]["process_rss_growth_bytes"] = max(rss_bytes() - rss0, 0)
     (out / "throughput.json").write_text(json.dumps(result, indent=2))
     print(report.format_table(result))
     report.plot(result, out / "throughput.png")
@@ -346,24 +328,23 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def profile_all(benches: list[Bench], batches: Iterator, steps: int, device: torch.device, out: Path) -> list[str]:
-    """A torch.profiler Chrome trace of `steps` steps per variant (labels: forward/loss/...)."""
+def profile_all(benches: list[Bench], batches: Iterator, device: torch.device, out: Path) -> list[str]:
+    """A torch.profiler Chrome trace and op table of PROFILE_STEPS steps per variant (labels: forward/loss/...)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     paths = []
     for b in benches:
         with profile(activities=activities, record_shapes=True) as prof:
-            for i in range(steps):
+            for i in range(PROFILE_STEPS):
                 with record_function("train_step"):
-                    step_once(b, next(batches), b.parts.sampler.active(0, b.progress.step + i), record_function)
+                    b.step(next(batches), b.parts.sampler.active(0, b.progress.step + i), record_function)
             sync(device)
-        path = out / f"trace_{b.variant.name}.json"
-        prof.export_chrome_trace(str(path))
+        paths.append(str(out / f"trace_{b.variant.name}.json"))
+        prof.export_chrome_trace(paths[-1])
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         (out / f"profile_{b.variant.name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
-        paths.append(str(path))
-        log(f"profile: {path}")
+        log(f"profile: {paths[-1]}")
     return paths
 
 

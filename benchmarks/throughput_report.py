@@ -23,17 +23,6 @@ SCHEMA = "dhm_fast.throughput/1"
 TARGET_TIME_OVER_FLOPS = 1.10  # DHM time ratio / FLOP ratio, both against the baseline
 TARGET_LOSS_SHARE = 0.02  # loss forward + backward over a DHM step
 TARGET_SAMPLING_EFFICIENCY = 0.70  # time saved by branch sampling / time the skipped FLOPs predict
-NOTES = [
-    "img_per_s: batch / mean step time of each block; quantiles over blocks (repeats).",
-    "time_ratio: a variant's block mean step time over the baseline's in the same repeat.",
-    "time_ratio_min: fastest step over the baseline's fastest (contention only adds time).",
-    "sampling_efficiency: time saved by branch sampling over the time its skipped FLOPs "
-    "predict, pooled over repeats (realised branch draws).",
-    "flops: torch.utils.flop_counter (convolutions and matrix products) of forward + loss + "
-    "backward per image; for a sampled variant the expectation over branch patterns.",
-    "loss_share: the step's loss forward + backward timed alone on the same logits, over the step.",
-    "peak_memory_bytes (CUDA): the block's peak minus other variants' resident state.",
-]
 
 
 def _ms(q: dict[str, float]) -> dict[str, float]:
@@ -102,7 +91,7 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
         "loss_backend": loss_backend, "methods": rows, "targets": targets, "telemetry": telemetry.summary(),
         "memory": {"peak_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a (CPU)",
                    "process_rss_growth_bytes": None},
-        "profile_traces": traces, "notes": NOTES,
+        "profile_traces": traces, "notes": "what each figure means: docs/benchmarks.md",
     }
 
 
