@@ -40,6 +40,10 @@ class Loader(Protocol):
     def close(self) -> None:  # release workers / pipelines
         ...
 
+# Progressive resizing: the train loaders of the image backends (torchvision, DALI, FFCV, memory) also have
+# `resolution` (the side of the square training images) and `set_resolution(size)`, which takes effect
+# from the next iteration (an epoch's start), so the side is a function of the epoch alone.
+
 
 @dataclass
 class LoaderConfig:
@@ -48,6 +52,7 @@ class LoaderConfig:
     backend: str = "auto"  # one of pipelines.BACKENDS
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagenet
     data_dir: str | None = None  # dataset root (ImageFolder root with train/ and val/ for imagenet)
+    val_labels: str | None = None  # ground truth of a flat val/ (pipelines.imagenet_layout); None: found near data_dir
     train_beton: str | None = None  # FFCV files, when the backend is ffcv
     val_beton: str | None = None
     batch_size: int = 128  # per process, train and val
@@ -59,7 +64,8 @@ class LoaderConfig:
     num_workers: int | None = None  # None: pipelines.default_num_workers()
     drop_last: bool = True  # for the train loader; val never drops samples
     # ImageNet-style augmentation (docs/data.md)
-    image_size: int = 224  # train crop and val crop
+    image_size: int = 224  # train crop (until set_resolution) and val crop
+    val_size: int | None = None  # val crop when it differs from image_size (train 176, test 224)
     val_resize: int = 256  # shorter side before the val centre crop
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range

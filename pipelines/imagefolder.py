@@ -1,7 +1,8 @@
 """Scan and validate an ImageFolder dataset once, for every backend.
 
-Layout: `root/train/<class>/<image>` and `root/val/<class>/<image>`. Class indices are the sorted
-train folder names, so every backend (and every split) maps a folder to the same index.
+Layout: `root/train/<class>/<image>` and `root/val/<class>/<image>`, or ImageNet's flat `root/val/` with its
+ground truth (pipelines.imagenet_layout). Class indices are the sorted train folder names, so every backend
+(and every split) maps a folder to the same index.
 
 Each file is checked once, up front, because a bad file hurts every backend differently: torchvision
 loses a worker, DALI loses a whole batch ("Critical error in pipeline"), FFCV's writer hangs. A
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from pipelines import imagenet_layout
 from pipelines.base import LoaderConfig
 from pipelines.sharding import subset_indices
 
@@ -116,22 +118,44 @@ def scan_split(
     mode: str = "header",
     cache_dir: str | Path | None = None,
     threads: int = 16,
+    labels: Path | None = None,
 ) -> ImageList:
-    """List and validate `root/split`. `classes` fixes the index mapping (the train split's)."""
+    """List and validate `root/split`. `classes` fixes the index mapping (the train split's); a split
+    without class folders is a flat ImageNet val/ labelled by `labels` (pipelines.imagenet_layout)."""
     if mode not in VALIDATION_MODES:
         raise ValueError(f"unknown validation mode {mode!r}; choose one of {', '.join(VALIDATION_MODES)}")
     split_dir = Path(root).expanduser().resolve() / split
+    if classes is not None and _is_flat(split_dir):
+        if labels is None:
+            raise ValueError(f"{split_dir} holds images but no class folders: give its ground truth with "
+                             f"--val-labels ({imagenet_layout.LOC_CSV} or the {imagenet_layout.DEVKIT} devkit)")
+        samples = imagenet_layout.flat_val_samples(split_dir, classes, labels)
+    else:
+        classes = _checked_classes(split_dir, classes)
+        samples = _folder_samples(split_dir, classes)
+    return _validated(split_dir, classes, samples, strict, mode, cache_dir, threads)
+
+
+def _is_flat(split_dir: Path) -> bool:
+    entries = [e for e in os.scandir(split_dir) if not e.name.startswith(".")] if split_dir.is_dir() else []
+    return bool(entries) and not any(e.is_dir() for e in entries)
+
+
+def _checked_classes(split_dir: Path, classes: list[str] | None) -> list[str]:
     found = find_classes(split_dir)
     if classes is None:
-        classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise ValueError(
-                f"{split_dir} has class folders absent from train/: {', '.join(unknown[:5])}"
-                + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            )
-    candidates: list[tuple[str, int, tuple[int, int]]] = []  # (path, label, (size, mtime_ns))
+        return found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"{split_dir} has class folders absent from train/: {', '.join(unknown[:5])}"
+            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        )
+    return classes
+
+
+def _folder_samples(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    samples = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
@@ -143,10 +167,17 @@ def scan_split(
         entries = [e for e in entries if not e.name.startswith(".")]
         if not entries:
             raise ValueError(f"class folder {class_dir} is empty")
-        for e in entries:
-            st = e.stat()
-            candidates.append((e.path, label, (st.st_size, st.st_mtime_ns)))
+        samples += [(e.path, label) for e in entries]
+    return samples
 
+
+def _validated(split_dir: Path, classes: list[str], samples: list[tuple[str, int]], strict: bool, mode: str,
+               cache_dir: str | Path | None, threads: int) -> ImageList:
+    """The samples whose files pass check_image (verdicts cached per size and mtime)."""
+    candidates = []  # (path, label, (size, mtime_ns))
+    for path, label in samples:
+        st = os.stat(path)
+        candidates.append((path, label, (st.st_size, st.st_mtime_ns)))
     cache_file = _cache_path(split_dir, mode, cache_dir)
     cached = _read_cache(cache_file)
     todo = [c for c in candidates if cached.get(c[0], (None,))[0] != c[2]]
@@ -182,8 +213,10 @@ def scan_imagefolder(
     strict: bool = False,
     mode: str = "header",
     cache_dir: str | Path | None = None,
+    val_labels: str | None = None,
 ) -> tuple[ImageList, ImageList]:
-    """(train, val) lists of an ImageFolder root, with one class mapping from train/."""
+    """(train, val) lists of an ImageFolder root, with one class mapping from train/. val/ may also be
+    ImageNet's flat folder, labelled by `val_labels` or by the ground truth found near `root`."""
     if root is None:
         raise ValueError("--data-dir is required for an ImageFolder dataset (a folder with train/ and val/)")
     base = Path(root).expanduser()
@@ -194,15 +227,22 @@ def scan_imagefolder(
     missing = [s for s in SPLITS if not (base / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"dataset folder {base} has no {' or '.join(m + '/' for m in missing)} split")
+    tars = imagenet_layout.train_tars_left(base / "train")
+    if tars:
+        raise ValueError(f"{base / 'train'} holds {len(tars)} per-class tar file(s) (e.g. {tars[0]}); extract "
+                         f"them once with: {imagenet_layout.EXTRACT} {base / 'train'}")
+    labels = imagenet_layout.find_labels(base.resolve(), val_labels)
     train = scan_split(base, "train", strict=strict, mode=mode, cache_dir=cache_dir)
-    val = scan_split(base, "val", train.classes, strict=strict, mode=mode, cache_dir=cache_dir)
+    if labels is not None and labels.suffix != ".csv":
+        imagenet_layout.check_class_order(train.classes, imagenet_layout.read_devkit(labels))
+    val = scan_split(base, "val", train.classes, strict=strict, mode=mode, cache_dir=cache_dir, labels=labels)
     return train, val
 
 
 def scan_dataset(config: LoaderConfig) -> tuple[ImageList, ImageList]:
     """The validated (train, val) lists of `config.data_dir`, train cut to `config.train_subset`."""
     train, val = scan_imagefolder(config.data_dir, strict=config.strict_data, mode=config.validation,
-                                  cache_dir=config.cache_dir)
+                                  cache_dir=config.cache_dir, val_labels=config.val_labels)
     if config.train_subset:
         keep = subset_indices(len(train), config.train_subset)
         train = ImageList(train.root, train.classes, [train.files[i] for i in keep],
