@@ -1,6 +1,5 @@
-"""What every benchmark shares: device-synchronised timing, summary statistics, the record of the
-machine and command a figure was measured with (so a JSON result can be reproduced or judged), flags
-generated from a settings dataclass, and figure files."""
+"""What every benchmark shares: device-synchronised timing, summary statistics, the machine and command a
+figure was measured with, flags generated from a settings dataclass, one-line errors and figure files."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import contextlib
 import dataclasses
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -66,11 +64,6 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
             "n": len(v)}
 
 
-def max_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def log(msg: str) -> None:
     """Progress goes to stderr, so stdout holds only the result table."""
     print(msg, file=sys.stderr, flush=True)
@@ -81,13 +74,10 @@ def log(msg: str) -> None:
 
 def cpu_model() -> str:
     """The CPU's marketing name (Linux); platform.processor() often says only "x86_64"."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")] \
+        if info.is_file() else []
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def device_name(device: torch.device | str) -> str:
@@ -97,33 +87,25 @@ def device_name(device: torch.device | str) -> str:
 
 def git_commit() -> str | None:
     """HEAD of the repository, with "-dirty" when tracked files differ from it; None outside git."""
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
 
-        commit = git("rev-parse", "HEAD")
-        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def portable_args(argv: Sequence[str]) -> list[str]:
-    """Arguments with absolute paths inside the repository made relative to it (no machine's paths
-    in tracked result files)."""
-    out = []
-    for arg in argv:
-        path = Path(arg)
-        if path.is_absolute() and path.resolve().is_relative_to(ROOT):
-            arg = str(path.resolve().relative_to(ROOT))
-        out.append(arg)
-    return out
-
-
 def command_line(module: str, argv: Sequence[str] | None = None) -> str:
-    """The command that reproduces this run: `python -m MODULE ARGS` (ARGS: sys.argv when None)."""
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", "-m", module, *portable_args(args)])
+    """The command that reproduces this run, `python -m MODULE ARGS` (ARGS: sys.argv when None), with
+    absolute paths inside the repository made relative (no machine's paths in tracked result files)."""
+    def portable(arg: str) -> str:
+        path = Path(arg)
+        return str(path.resolve().relative_to(ROOT)) if path.is_absolute() and path.resolve().is_relative_to(ROOT) \
+            else arg
+
+    return shlex.join(["python", "-m", module, *map(portable, sys.argv[1:] if argv is None else argv)])
 
 
 def environment(device: torch.device | str = "cpu", module: str | None = None,
