@@ -24,7 +24,10 @@ BACKENDS = ("auto", *_FACTORIES)  # the --loader choices
 def create_loaders(config: LoaderConfig) -> tuple[Loader, Loader]:
     """(train, val) loaders for this process, from the backend named in `config.backend`."""
     from pipelines.backend_choice import resolve_backend
+    from pipelines.reid import REID_DATASETS, create_reid_loaders
 
+    if config.dataset in REID_DATASETS:  # one backend: images decoded once, held on the device
+        return create_reid_loaders(config)
     backend, reason = resolve_backend(config)
     if backend not in _FACTORIES:
         raise ValueError(f"unknown loader {backend!r}; choose one of {', '.join(BACKENDS)}")
