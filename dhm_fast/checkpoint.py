@@ -71,8 +71,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
 
 def _unpickler_detail(error: Exception) -> str:
     """The line of torch's refusal that names what the file holds, e.g. ' (Unsupported global: ...)'."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    found = [line for line in lines if line.startswith("Unsupported")]
+    found = [line.strip() for line in str(error).splitlines() if line.strip().startswith("Unsupported")]
     return f" ({found[0]})" if found else ""
 
 

@@ -94,7 +94,8 @@ def train_one_epoch(
     parts.model.train()
     bad_step = torch.full((), -1, dtype=torch.long, device=meter.loss_sum.device)
     t0, seen = time.perf_counter(), 0
-    for micro_batches in _groups(loader, grad_accum):
+    # zip over one iterator n times: groups of n consecutive batches, a trailing incomplete one dropped.
+    for micro_batches in zip(*[iter(loader)] * grad_accum, strict=False):
         if max_steps is not None and progress.step >= max_steps:
             _raise_if_bad(bad_step)
             return False
@@ -158,16 +159,6 @@ def train_step(
         else:
             parts.optimizer.step()
     return results
-
-
-def _groups(loader, n: int):
-    """Consecutive groups of `n` batches; a trailing incomplete group is dropped (as drop_last)."""
-    group: list = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == n:
-            yield group
-            group = []
 
 
 def _sync_grads(model: nn.Module, sync: bool):

@@ -33,15 +33,13 @@ class _FolderSamples:
     """
 
     def __init__(self, images: ImageList, failure_dir: str) -> None:
-        self.files = images.files
-        self.labels = images.labels
-        self.failure_dir = failure_dir
+        self.images, self.failure_dir = images, failure_dir
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path = self.files[index]
+        path = self.images.files[index]
         try:
             with Image.open(path) as img:
                 rgb = np.asarray(img.convert("RGB"))
@@ -49,7 +47,7 @@ class _FolderSamples:
             with open(os.path.join(self.failure_dir, f"{os.getpid()}.txt"), "a", encoding="utf-8") as f:
                 f.write(f"{path}\t{type(e).__name__}: {e}\n")
             rgb = np.full((8, 8, 3), 128, dtype=np.uint8)
-        return rgb, self.labels[index]
+        return rgb, self.images.labels[index]
 
 
 def page_size_for(max_resolution: int | None, write_mode: str) -> int:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+QUALITY = 95  # JPEG quality of every generated image
+
 
 @dataclass
 class SampleDataset:
@@ -30,13 +32,8 @@ class SampleDataset:
 
 def gradient_image(height: int, width: int, blue: int) -> np.ndarray:
     """uint8 [H, W, 3]: red = column position, green = row position, blue constant."""
-    red = np.round(np.linspace(0, 255, width)).astype(np.uint8)
-    green = np.round(np.linspace(0, 255, height)).astype(np.uint8)
-    img = np.empty((height, width, 3), dtype=np.uint8)
-    img[..., 0] = red[None, :]
-    img[..., 1] = green[:, None]
-    img[..., 2] = blue
-    return img
+    red, green = np.meshgrid(np.round(np.linspace(0, 255, width)), np.round(np.linspace(0, 255, height)))
+    return np.stack([red, green, np.full_like(red, blue)], axis=2).astype(np.uint8)
 
 
 def write_imagefolder(
@@ -49,7 +46,6 @@ def write_imagefolder(
     max_side: int = 160,
     sizes: list[tuple[int, int]] | None = None,
     odd_files: bool = True,
-    quality: int = 95,
     seed: int = 0,
 ) -> SampleDataset:
     """Write root/{train,val}/class_XX/*.JPEG; sizes are (height, width), drawn when not given."""
@@ -58,9 +54,7 @@ def write_imagefolder(
     classes = [f"class_{i:02d}" for i in range(num_classes)]
     out = SampleDataset(root, classes, {})
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        n = 0
-        n_odd = 3 if odd_files else 0
-        levels = np.round(np.linspace(0, 255, num_classes * per_class + n_odd)).astype(int)
+        levels = np.round(np.linspace(0, 255, num_classes * per_class + 3 * odd_files)).astype(int)
         blues = iter(rng.permutation(levels))
         for c, name in enumerate(classes):
             folder = root / split / name
@@ -72,22 +66,21 @@ def write_imagefolder(
                     h, w = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
                 img = gradient_image(h, w, int(next(blues)))
                 path = folder / f"{split}_{c}_{i:04d}.JPEG"
-                Image.fromarray(img).save(path, quality=quality, subsampling=0)
-                n += 1
-        out.counts[split] = n
+                Image.fromarray(img).save(path, quality=QUALITY, subsampling=0)
+        out.counts[split] = num_classes * per_class
         if odd_files:
-            _write_odd_files(root / split, classes, [int(next(blues)) for _ in range(3)], rng, out, quality)
+            _write_odd_files(root / split, classes, [int(next(blues)) for _ in range(3)], rng, out)
     return out
 
 
 def _write_odd_files(split_dir: Path, classes: list[str], blues: list[int], rng: np.random.Generator,
-                     out: SampleDataset, quality: int) -> None:
+                     out: SampleDataset) -> None:
     # Valid oddities (every backend must decode them) and invalid files, in each split.
     split, folder = split_dir.name, split_dir / classes[-1]
     gray = folder / f"{split}_gray.JPEG"
-    Image.fromarray(gradient_image(70, 90, blues[0])).convert("L").save(gray, quality=quality)
+    Image.fromarray(gradient_image(70, 90, blues[0])).convert("L").save(gray, quality=QUALITY)
     cmyk = folder / f"{split}_cmyk.JPEG"
-    Image.fromarray(gradient_image(80, 60, blues[1])).convert("CMYK").save(cmyk, quality=quality)
+    Image.fromarray(gradient_image(80, 60, blues[1])).convert("CMYK").save(cmyk, quality=QUALITY)
     png = folder / f"{split}_png.JPEG"
     Image.fromarray(gradient_image(64, 100, blues[2])).save(png, format="PNG")
     out.odd_files += [gray, cmyk, png]
@@ -95,7 +88,7 @@ def _write_odd_files(split_dir: Path, classes: list[str], blues: list[int], rng:
     garbage = split_dir / classes[0] / f"{split}_garbage.JPEG"
     garbage.write_bytes(rng.integers(0, 256, size=3000, dtype=np.uint8).tobytes())
     buf = io.BytesIO()
-    Image.fromarray(gradient_image(70, 90, 0)).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(gradient_image(70, 90, 0)).save(buf, format="JPEG", quality=QUALITY)
     truncated = split_dir / classes[0] / f"{split}_truncated.JPEG"
     truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
     out.bad_files += [garbage, truncated]

@@ -24,15 +24,11 @@ class SyntheticLoader:
     def __init__(self, *, batch_size: int, num_batches: int, shape: tuple[int, int, int], num_classes: int,
                  device: str | torch.device = "cpu", channels_last: bool = False, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
-        if batch_size < 1 or num_batches < 1:
-            raise ValueError(f"synthetic loader needs a positive batch size and batch count, "
-                             f"got {batch_size} and {num_batches}")
-        if num_classes < 1 or len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"synthetic loader needs a positive class count and a [C, H, W] shape, "
-                             f"got {num_classes} and {shape}")
+        if min(batch_size, num_batches, num_classes) < 1 or len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"synthetic loader needs a positive batch size, batch count and class count and a "
+                             f"[C, H, W] shape, got {batch_size}, {num_batches}, {num_classes} and {shape}")
         check_shard(rank, world_size)
         self.device = torch.device(device)
-        self.batch_size = batch_size
         self.num_batches = num_batches
         self.num_samples = batch_size * num_batches
         self.num_classes = num_classes
