@@ -49,3 +49,24 @@ def test_recorded_command_has_no_machine_paths_and_default_folders_are_in_the_re
     args = accuracy.parse_args(argv)
     assert args.folder(args.runs) == root / "runs" / "x"
     assert args.folder(args.results) == root / "benchmarks" / "results"
+
+
+def test_recorded_runs_of_a_variant_no_longer_defined_are_kept_with_their_description(tmp_path):
+    args = accuracy.parse_args(["--variants", "baseline", "--runs", str(tmp_path / "runs"),
+                                "--results", str(tmp_path / "results")])
+    fake_run(tmp_path / "runs" / args.name / "baseline" / "seed0", 80.0)
+    accuracy.write_results(args, [], "cmd")
+    path = tmp_path / "results" / f"accuracy-{args.name}.json"
+    payload = json.loads(path.read_text())
+    old = {**payload["runs"][0], "variant": "dhm-T4", "main_top1": 28.8}
+    payload["runs"].append(old)
+    payload["variants"]["dhm-T4"] = {**payload["variants"]["baseline"], "description": "DHM, T = 4", "flags": "-T4"}
+    path.write_text(json.dumps(payload))
+    fake_run(tmp_path / "runs" / args.name / "nameless" / "seed1", 30.0)  # a variant nothing describes: ignored
+    accuracy.write_results(args, [], "cmd")
+
+    payload = json.loads(path.read_text())
+    assert list(payload["variants"]) == ["baseline", "dhm-T4"]
+    kept = payload["variants"]["dhm-T4"]
+    assert (kept["main_top1"], kept["description"], kept["flags"]) == ([28.8], "DHM, T = 4", "-T4")
+    assert "| dhm-T4 | DHM, T = 4 | 1 | 28.80 |" in (tmp_path / "results" / f"accuracy-{args.name}.md").read_text()
