@@ -20,13 +20,16 @@ from typing import Any
 from dhm_fast.errors import UserError
 from dhm_fast.losses import DIRECTIONS, METHODS
 from dhm_fast.models import MODEL_NAMES
+from dhm_fast.models.reid_nets import SPECS as REID_ARCHS
 from dhm_fast.sampling import PER_CHOICES
 from dhm_fast.schedules import LR_SCHEDULES, RAMP_SHAPES
 from pipelines import BACKENDS
+from pipelines.reid import REID_DATASETS
 
 DEFAULT_RECIPE = "fashion-mnist-resnet20"
 SMALL_DATASETS = ("fashion-mnist", "cifar10", "cifar100")
-DATASETS = (*SMALL_DATASETS, "imagenet")
+DATASETS = (*SMALL_DATASETS, "imagenet", *REID_DATASETS)
+OPTIMIZERS = ("sgd", "amsgrad")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 GROUPS = ("what to train", "data", "optimisation", "the DHM objective", "machinery",
@@ -61,7 +64,8 @@ class TrainConfig:
                                        "dict, e.g. torchvision's ImageNet weights); new heads keep their init", 0,
                                        recipe=False)
     # data
-    dataset: str = setting("fashion-mnist", "dataset", 1, choices=DATASETS, flag="data")
+    dataset: str = setting("fashion-mnist", "dataset (person re-ID: market1501, dukemtmc, at --image-size x half "
+                           "that width; docs/reid.md)", 1, choices=DATASETS, flag="data")
     data_dir: str | None = setting(None, "dataset folder (Fashion-MNIST: the four IDX .gz files, default "
                                    "/usr/share/datasets/fashion-mnist; CIFAR: the python release; ImageNet: "
                                    "train/ and val/)", 1, recipe=False)
@@ -76,6 +80,9 @@ class TrainConfig:
     num_workers: int | None = setting(None, "loader worker processes / threads (default: from the cores "
                                       "available to each process)", 1, ge=0)
     strict_data: bool = setting(False, "fail on the first corrupt image instead of skipping it", 1)
+    quick: bool = setting(False, "re-ID: train on a generated tiny set in the dataset's layout (written to "
+                          "<out>/sample-data) instead of --data-dir, to try a recipe without the data", 1,
+                          recipe=False)
     image_size: int = setting(224, "train/val crop size of folder datasets (ImageNet)", 1, ge=16)
     val_resize: int = setting(256, "shorter side before the validation centre crop (ImageNet)", 1, ge=16)
     no_scale_aug_methods: list[str] = setting([], "methods that train without scale augmentation (the paper: "
@@ -88,10 +95,14 @@ class TrainConfig:
                               "GPUs)", 2, ge=1)
     scale_lr: bool = setting(True, "linear scaling rule: the recipe's lr x global batch / recipe batch, with "
                              "warm-up for larger batches (an explicit --lr is used as given)", 2)
+    optimizer: str = setting("sgd", "sgd (with --momentum) or amsgrad (Adam with AMSGrad; the re-ID recipes)", 2,
+                             choices=OPTIMIZERS)
     lr: float = setting(0.1, "base learning rate", 2, gt=0)
     momentum: float = setting(0.9, "SGD momentum", 2, ge=0, lt=1)
     nesterov: bool = setting(False, "Nesterov momentum", 2)
     weight_decay: float = setting(1e-4, "L2 weight decay", 2, ge=0)
+    freeze_trunk_epochs: int = setting(0, "re-ID: first epochs train only the new layers (heads, branches) with "
+                                       "the --init-weights trunk frozen (a random trunk is never frozen)", 2, ge=0)
     decay_norm_bias: bool = setting(True, "apply weight decay to norm weights and biases too "
                                     "(--no-decay-norm-bias exempts them)", 2)
     lr_schedule: str = setting("multistep", "learning-rate schedule", 2, choices=LR_SCHEDULES)
@@ -243,6 +254,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--init-weights {cfg.init_weights} does not exist")
     if cfg.eval_only and not cfg.weights:
         raise UserError("--eval-only needs --weights (a checkpoint or a state dict file)")
+    if (cfg.dataset in REID_DATASETS) != (cfg.arch in REID_ARCHS):
+        raise UserError(f"--arch {cfg.arch} and --data {cfg.dataset} do not go together: the re-ID datasets "
+                        f"({', '.join(REID_DATASETS)}) need a re-ID network ({', '.join(REID_ARCHS)}) and back")
+    if cfg.quick and cfg.dataset not in REID_DATASETS:
+        raise UserError(f"--quick generates re-ID data; --data {cfg.dataset} has no generator")
     if bool(cfg.train_beton) != bool(cfg.val_beton):
         raise UserError("give both --train-beton and --val-beton, or neither")
     if cfg.dataset == "imagenet" and cfg.val_resize < cfg.image_size:
@@ -293,6 +309,13 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
         ignored["aux_weight"] = "--method baseline trains the main head only"
     if cfg.eval_only:
         ignored["init_weights"] = "--eval-only evaluates --weights"
+    if cfg.dataset in REID_DATASETS:
+        for name in ("val_resize", "data_validation", "train_beton", "val_beton", "train_subset"):
+            ignored[name] = f"{cfg.dataset} is decoded once at --image-size and held in memory"
+    if not (cfg.init_weights and cfg.arch in REID_ARCHS):
+        ignored["freeze_trunk_epochs"] = "only a re-ID network started from --init-weights has a trunk to freeze"
+    if cfg.optimizer != "sgd":
+        ignored["momentum"] = ignored["nesterov"] = f"--optimizer {cfg.optimizer} has no SGD momentum"
     if cfg.lr_schedule != "multistep":
         ignored["milestones"] = ignored["gamma"] = f"--lr-schedule {cfg.lr_schedule} has no steps"
     return ignored

@@ -1,4 +1,5 @@
-"""SGD as in the papers' recipes, with torch's fused kernels (CPU and CUDA) by default."""
+"""The recipes' optimizers, with torch's fused kernels (CPU and CUDA) by default: SGD (the classification
+recipes) or Adam with AMSGrad and L2 weight decay (the person re-ID recipes, docs/reid.md)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, impl: str = "fused") -> torch.optim.SGD:
-    """SGD with torch's `impl` kernels: fused is 3-4x faster than foreach on the CPU too (measured with
-    `python -m benchmarks.throughput --optimizer-impl`)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                    impl: str = "fused") -> torch.optim.Optimizer:
+    """`cfg.optimizer` with torch's `impl` kernels: fused SGD is 3-4x faster than foreach on the CPU too
+    (measured with `python -m benchmarks.throughput --optimizer-impl`)."""
     if impl not in OPTIMIZER_IMPLS:
         raise ValueError(f"unknown SGD implementation {impl!r}; choose one of {', '.join(OPTIMIZER_IMPLS)}")
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias)
+    if cfg.optimizer == "amsgrad":  # its state starts at a parameter's first gradient: nothing to pre-fill
+        return torch.optim.Adam(groups, lr=cfg.lr, amsgrad=True, **{impl: True})
     optimizer = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay, cfg.decay_norm_bias),
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **{impl: True},
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **{impl: True},
     )
     if cfg.momentum > 0 and impl == "fused":
         # The fused kernel fails when a parameter gets its first gradient after others already hold

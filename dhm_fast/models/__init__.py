@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from . import cifar_resnet, densenet, imagenet_resnet, wrn
+from . import cifar_resnet, densenet, imagenet_resnet, reid_nets, wrn
 from .branching import HEAD_NAMES, METHODS, Branch, BranchedNet, check_method, is_branch_key
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 _BUILDERS: dict[str, Callable[..., BranchedNet]] = {}
-for _module in (imagenet_resnet, cifar_resnet, wrn, densenet):
+for _module in (imagenet_resnet, cifar_resnet, wrn, densenet, reid_nets):
     for _name in _module.SPECS:
         _BUILDERS[_name] = _module.build
 
