@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from dhm_fast.errors import UserError
-from dhm_fast.plots import plot_curves
+from dhm_fast.plots import draw_curves
 
 LOG = "log.jsonl"
 CURVES = "curves.png"
@@ -59,7 +59,9 @@ class Logbook:
         tmp = self.out / f".{LOG}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(self.out / LOG)
-        plot_curves(records, self.out / CURVES, self.title)
+        fig = draw_curves(records, self.title)
+        if fig is not None:
+            fig.savefig(self.out / CURVES, dpi=90)
 
     def append(self, record: dict) -> None:
         with open(self.out / LOG, "a") as f:

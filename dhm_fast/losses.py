@@ -8,7 +8,7 @@ batch mean of the class sum. `w_ij` folds together the pair weights mu_ij, the d
 heads are active this step (see `mimic_weights`).
 
 The settings are a frozen `LossConfig`; `LossConfig.compute` is the trainer's call. Two backends
-compute exactly this with the same signature, the fused native op (`dhm_fast.fused`) and
+compute exactly this with the same signature, `fused_backend` (the native op of kernels/) and
 `reference_backend` (plain PyTorch); `select_backend` is the one place that chooses, and says why.
 Both return the loss and a flat float32 stats vector [ce (H), kl (H*H, row = teacher), correct (H)].
 The per-pattern weight and index tensors are made once per device and cached: a step costs no
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from dhm_fast import fused
 
+FUSED_OP = "fused_loss"
 METHODS = ("baseline", "dsl", "dks", "dhm")
 DIRECTIONS = ("both", "top-down", "bottom-up")
 _LOG = logging.getLogger(__name__)
@@ -119,6 +119,34 @@ def reference_backend(
     return loss, stats
 
 
+def fused_backend(
+    logits: Sequence[Tensor],
+    target: Tensor,
+    ce_weights: Tensor,
+    kl_weights: Tensor,
+    temperature: float,
+    alpha: float,
+    eps: float,
+    label_smoothing: float,
+) -> tuple[Tensor, Tensor]:
+    """The same loss and stats from the fused native op, in one pass over every head's logits (mixed
+    precisions are computed in the widest), the gradient included. The gradient is saved in the logits'
+    dtype, except float16's, saved in float32: a GradScaler's loss scale is applied in backward, and
+    many unscaled entries would be subnormal or zero in float16. The caller has checked that the op has
+    a kernel for the device."""
+    if not logits:
+        raise ValueError("fused_loss needs at least one head's logits")
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in logits))
+    logits = [x.to(dtype) for x in logits]
+    weights = {"device": logits[0].device, "dtype": torch.float32}
+    compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in logits)
+    loss, stats, _ = kernels.op(FUSED_OP)(
+        logits, target, ce_weights.to(**weights), kl_weights.to(**weights), float(temperature), float(alpha),
+        float(eps), float(label_smoothing), compute_grad,
+    )
+    return loss, stats
+
+
 # ---------------------------------------------------------------------------- backend choice
 @dataclass(frozen=True)
 class LossBackend:
@@ -147,8 +175,8 @@ def select_backend(device: torch.device | str, *, reference: bool = False) -> Lo
 def _choose_backend(device: torch.device, reference: bool) -> LossBackend:
     if reference:
         return LossBackend("reference", "the plain-PyTorch loss was asked for (reference=True)", reference_backend)
-    if kernels.has_kernel(fused.OP_NAME, device):
-        return LossBackend("fused", f"the native op has a kernel for {device}", fused.fused_loss)
+    if kernels.has_kernel(FUSED_OP, device):
+        return LossBackend("fused", f"the native op has a kernel for {device}", fused_backend)
     why = _why_no_kernel(device)
     if why not in _warned and not torch.compiler.is_compiling():
         _warned.add(why)

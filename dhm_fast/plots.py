@@ -6,20 +6,12 @@ and the per-epoch validation records. Uses matplotlib's object API: no global ba
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from matplotlib.figure import Figure
 
 
-def plot_curves(records: list[dict], path: str | Path, title: str = "") -> None:
-    """curves.png of a run's log records (nothing when there is no record yet)."""
-    fig = draw_curves(records, title)
-    if fig is not None:
-        fig.savefig(path, dpi=90)
-
-
 def draw_curves(records: list[dict], title: str = "") -> Figure | None:
-    """Four panels over (fractional) epochs: train CE and val top-1 per head, pairwise KL, lr and alpha."""
+    """Four panels over (fractional) epochs: train CE and val top-1 per head, pairwise KL, lr and alpha;
+    None when there is no record yet."""
     steps = [r for r in records if r.get("kind") == "interval"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     if not steps and not epochs:

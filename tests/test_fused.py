@@ -1,4 +1,4 @@
-"""The fused mimicking-loss op (kernels/, dhm_fast/fused.py) against an independent float64 reference.
+"""The fused mimicking-loss op (kernels/, dhm_fast.losses.fused_backend) against an independent float64 reference.
 
 The CPU kernel splits rows over threads: the float64-reference and determinism tests run at 1, 2 and
 4 threads (the `threads` fixture), so a race between threads fails them.
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
-from dhm_fast import fused, losses
+from dhm_fast import losses
 
 needs_ext = pytest.mark.skipif(not kernels.has_kernel("fused_loss", "cpu"), reason="kernels._C is not built")
 needs_cuda = pytest.mark.skipif(
@@ -99,7 +99,7 @@ def assert_matches(loss, stats, grads, ref, dtype):
 def call_fused(logits, target, ce_w, kl_w, temperature, alpha, eps, smoothing):
     """The op through its Python entry point, gradients by autograd (so backward is covered)."""
     leaves = [x.detach().requires_grad_() for x in logits]
-    loss, stats = fused.fused_loss(leaves, target, ce_w, kl_w, temperature, alpha, eps, smoothing)
+    loss, stats = losses.fused_backend(leaves, target, ce_w, kl_w, temperature, alpha, eps, smoothing)
     grads = torch.autograd.grad(loss, leaves)
     return loss, stats, grads
 
@@ -379,12 +379,12 @@ def test_gradcheck_float64(temperature, eps, smoothing):
     kl_w[0, 1], kl_w[0, 2] = 0.7, 1.3
 
     def students_loss(*zs):
-        return fused.fused_loss([teacher, *zs], target, ce_w, kl_w, temperature, 0.8, eps, smoothing)[0]
+        return losses.fused_backend([teacher, *zs], target, ce_w, kl_w, temperature, 0.8, eps, smoothing)[0]
 
     assert torch.autograd.gradcheck(students_loss, students, eps=1e-6, atol=1e-8, rtol=1e-6)
 
     def ce_only(*zs):  # every head's CE gradient, teacher included
-        return fused.fused_loss(zs, target, ce_w, torch.zeros(3, 3), temperature, 0.8, eps, smoothing)[0]
+        return losses.fused_backend(zs, target, ce_w, torch.zeros(3, 3), temperature, 0.8, eps, smoothing)[0]
 
     heads = [teacher.clone().requires_grad_(), *students]
     assert torch.autograd.gradcheck(ce_only, heads, eps=1e-6, atol=1e-8, rtol=1e-6)
@@ -394,7 +394,7 @@ def test_gradcheck_float64(temperature, eps, smoothing):
 def test_double_backward_is_refused():
     z = [torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     ce_w, kl_w = torch.ones(2), torch.ones(2, 2).fill_diagonal_(0)
-    loss, _ = fused.fused_loss(z, torch.tensor([0, 3]), ce_w, kl_w, 1.0, 1.0, 0.0, 0.0)
+    loss, _ = losses.fused_backend(z, torch.tensor([0, 3]), ce_w, kl_w, 1.0, 1.0, 0.0, 0.0)
     (g0, _) = torch.autograd.grad(loss, z, create_graph=True)
     with pytest.raises(RuntimeError):
         g0.sum().backward()
@@ -409,7 +409,7 @@ def test_teachers_get_no_gradient_from_kl(eps):
     kl_w = torch.zeros(3, 3)
     kl_w[0, 2] = 1.0  # head 0 teaches head 2; head 1 teaches nobody
     kl_w[1, 2] = 0.5
-    loss, stats = fused.fused_loss(logits, target, torch.zeros(3), kl_w, 2.0, 1.0, eps, 0.0)
+    loss, stats = losses.fused_backend(logits, target, torch.zeros(3), kl_w, 2.0, 1.0, eps, 0.0)
     loss.backward()
     assert torch.count_nonzero(logits[0].grad) == 0
     assert torch.count_nonzero(logits[1].grad) == 0
@@ -479,7 +479,7 @@ def test_backward_scales_by_grad_output_and_survives_retain_graph():
     z = [x.requires_grad_() for x in make_logits(gen, 3, 5, 11, torch.float32, 2.0)]
     target = torch.randint(0, 11, (5,), generator=gen)
     ce_w, kl_w = random_weights(gen, 3, sparse=False)
-    loss, _ = fused.fused_loss(z, target, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
+    loss, _ = losses.fused_backend(z, target, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
     unit = torch.autograd.grad(loss, z, retain_graph=True)
     again = torch.autograd.grad(loss, z, retain_graph=True)
     scaled = torch.autograd.grad(loss * -2.5, z)
@@ -487,7 +487,7 @@ def test_backward_scales_by_grad_output_and_survives_retain_graph():
         assert torch.equal(u, a)
         torch.testing.assert_close(s, -2.5 * u)
     # The unscaled gradient is handed out as saved: accumulating it must not alias the saved copy.
-    loss, _ = fused.fused_loss(z, target, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
+    loss, _ = losses.fused_backend(z, target, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
     for _ in range(3):
         loss.backward(retain_graph=True)
     for x, u in zip(z, unit, strict=True):
@@ -508,7 +508,7 @@ def test_float16_gradient_under_a_loss_scale_keeps_float16_precision(loss_scale)
     ce_w, kl_w = random_weights(gen, h, sparse=False)
     args = (ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)
     leaves = [x.detach().requires_grad_() for x in logits]
-    loss, _ = fused.fused_loss(leaves, target, *args)
+    loss, _ = losses.fused_backend(leaves, target, *args)
     (loss * loss_scale).backward()
     _, _, ref_grads = reference64(logits, target, *args)
     checked = 0
@@ -531,7 +531,7 @@ def test_no_grad_call_returns_the_same_loss():
     ce_w, kl_w = random_weights(gen, 2, sparse=False)
     with_grad = call_fused(logits, target, ce_w, kl_w, 1.0, 1.0, 1e-8, 0.0)
     with torch.no_grad():
-        loss, stats = fused.fused_loss(logits, target, ce_w, kl_w, 1.0, 1.0, 1e-8, 0.0)
+        loss, stats = losses.fused_backend(logits, target, ce_w, kl_w, 1.0, 1.0, 1e-8, 0.0)
     assert torch.equal(loss, with_grad[0]) and torch.equal(stats, with_grad[1])
 
 
@@ -557,7 +557,7 @@ def test_bad_arguments_raise_value_error(change, message):
                 label_smoothing=0.0)
     change(args)
     with pytest.raises(ValueError, match=message):
-        fused.fused_loss(**args)
+        losses.fused_backend(**args)
 
 
 # ---------------------------------------------------------------------------- fallback without a kernel
@@ -703,7 +703,7 @@ def test_cuda_gradcheck_opcheck_and_determinism():
     kl_w[0, 1:] = 1.0  # only head 0 teaches (see test_gradcheck_float64)
     kl_w = kl_w.cuda()
     assert torch.autograd.gradcheck(
-        lambda *a: fused.fused_loss([teacher, *a], y, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)[0], students,
+        lambda *a: losses.fused_backend([teacher, *a], y, ce_w, kl_w, 2.0, 1.0, 1e-8, 0.1)[0], students,
         eps=1e-6, atol=1e-8,
     )
     for dtype in (*DTYPES, torch.float64):
