@@ -1,14 +1,11 @@
 """Loader throughput, side by side in one run (images/second, higher is better).
 
-    python -m benchmarks.bench_loaders            # about 4 minutes on 2 cores
-    python -m benchmarks.bench_loaders --quick    # about 1 minute
+    python -m benchmarks.bench_loaders [--quick]    # about 4 minutes on 2 cores; --quick: about 1
 
-1. A generated ImageNet-like JPEG folder (~500x375 natural-looking texture, quality 90), random-resized
-   crop 224 + flip + normalise: torchvision (DataLoader workers), DALI in CPU mode and FFCV three ways.
-2. 32x32 random images in memory, pad-crop + flip + normalise: the in-memory loader (pipelines.memory;
-   NCHW and channels-last) against torchvision's per-sample PIL pipeline.
-Every loader gets the same workers/threads and one untimed warm-up epoch; then whole epochs are timed
-for --seconds. JSON and a PNG bar chart go to --out-dir. The figures: docs/benchmarks.md.
+Generated ImageNet-like JPEGs with random-resized crop 224 + flip + normalise (torchvision, DALI in CPU
+mode, FFCV three ways) and 32x32 images in memory with pad-crop + flip + normalise (the in-memory loader
+against torchvision's per-sample pipeline). Every loader gets the same workers/threads and one untimed
+warm-up epoch; then whole epochs are timed. JSON and PNG go to --out-dir; the figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,25 +23,33 @@ from PIL import Image
 
 from benchmarks.common import environment, figure, option, parse_settings
 from pipelines import LoaderConfig, create_loaders
+from pipelines.small_datasets import STATS
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR_MEAN, CIFAR_STD = STATS["cifar10"]
+# name: (backend, FFCV write mode, FFCV longest side). FFCV: like for like (every image a JPEG at full
+# size), FFCV's ImageNet recipe (half raw pixels), raw pixels at most 256 px (no decoding at all).
+JPEG_LOADERS = {"torchvision": ("torchvision", None, None), "dali-cpu": ("dali", None, None),
+                "ffcv-jpg": ("ffcv", "jpg", None), "ffcv-proportion": ("ffcv", "proportion", None),
+                "ffcv-raw-256": ("ffcv", "raw", 256)}
+
 
 # --- data ---------------------------------------------------------------------------------------
 
 def natural_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """uint8 [H, W, 3] with smooth colour regions, mid-frequency texture and fine noise, so that it
     compresses (and decodes) like a photograph rather than like noise or a flat image."""
-    base = rng.random((height // 32 + 2, width // 32 + 2, 3))
-    colour = Image.fromarray((base * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
-    texture = Image.fromarray((rng.random((height // 4 + 1, width // 4 + 1)) * 255).astype(np.uint8))
-    texture = np.asarray(texture.resize((width, height), Image.BILINEAR), dtype=np.float32)[..., None]
-    img = 0.7 * np.asarray(colour, dtype=np.float32) + 0.3 * texture
-    img += rng.normal(0, 6, (height, width, 1)).astype(np.float32)
+    def upscale(a: np.ndarray, resample: int) -> np.ndarray:
+        img = Image.fromarray((a * 255).astype(np.uint8)).resize((width, height), resample)
+        return np.asarray(img, dtype=np.float32)
+
+    colour = upscale(rng.random((height // 32 + 2, width // 32 + 2, 3)), Image.BICUBIC)
+    texture = upscale(rng.random((height // 4 + 1, width // 4 + 1)), Image.BILINEAR)[..., None]
+    img = 0.7 * colour + 0.3 * texture + rng.normal(0, 6, (height, width, 1)).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _write_class(args: tuple[Path, int, int, int]) -> None:
-    folder, count, seed, quality = args
+def _write_class(args: tuple[Path, int, int]) -> None:
+    folder, count, seed = args
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
@@ -52,7 +57,7 @@ def _write_class(args: tuple[Path, int, int, int]) -> None:
         h = int(round(w * rng.uniform(0.6, 0.9)))  # landscape mostly, like ImageNet (500x375 typical)
         if rng.random() < 0.2:
             w, h = h, w
-        Image.fromarray(natural_image(rng, h, w)).save(folder / f"img_{i:05d}.JPEG", quality=quality)
+        Image.fromarray(natural_image(rng, h, w)).save(folder / f"img_{i:05d}.JPEG", quality=90)
 
 
 def make_jpeg_folder(root: Path, num_images: int, num_classes: int = 10, workers: int = 2) -> Path:
@@ -61,8 +66,8 @@ def make_jpeg_folder(root: Path, num_images: int, num_classes: int = 10, workers
     if done.is_file() and done.read_text() == str(num_images):
         return root
     per_class = -(-num_images // num_classes)
-    jobs = [(root / "train" / f"class_{c:02d}", per_class, c, 90) for c in range(num_classes)]
-    jobs += [(root / "val" / f"class_{c:02d}", 2, 1000 + c, 90) for c in range(num_classes)]
+    jobs = [(root / "train" / f"class_{c:02d}", per_class, c) for c in range(num_classes)]
+    jobs += [(root / "val" / f"class_{c:02d}", 2, 1000 + c) for c in range(num_classes)]
     print(f"generating {per_class * num_classes} JPEGs in {root} ...", flush=True)
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_class, jobs))
@@ -72,8 +77,8 @@ def make_jpeg_folder(root: Path, num_images: int, num_classes: int = 10, workers
 
 # --- timing -------------------------------------------------------------------------------------
 
-def throughput(loader, seconds: float) -> dict:
-    """Images/second over whole epochs after one warm-up epoch."""
+def throughput(name: str, loader, seconds: float) -> dict:
+    """Images/second over whole epochs after one warm-up epoch (printed as one row)."""
     t0 = time.perf_counter()
     for _ in loader:
         pass
@@ -84,39 +89,37 @@ def throughput(loader, seconds: float) -> dict:
         loader.set_epoch(epochs)
         images += sum(batch.shape[0] for batch, _ in loader)
     elapsed = time.perf_counter() - start
-    return {"images_per_s": images / elapsed, "images": images, "seconds": elapsed, "epochs": epochs,
-            "warmup_s": start - t0}
+    r = {"images_per_s": images / elapsed, "images": images, "seconds": elapsed, "epochs": epochs,
+         "warmup_s": start - t0}
+    print(f"{name:>22}: {r['images_per_s']:9.0f} img/s  ({images} images in {elapsed:.1f} s, "
+          f"warm-up {r['warmup_s']:.1f} s)", flush=True)
+    return r
 
 
 def bench_jpeg(root: Path, workers: int, seconds: float, batch_size: int, out_dir: Path) -> dict:
     results: dict[str, dict] = {}
-    # name, backend, and for FFCV how it stores images (write mode, longest side): like for like (every
-    # image a JPEG at full size), FFCV's ImageNet recipe (half raw pixels), and raw pixels at most 256 px
-    # (no decoding at all; FFCV's low-resolution training setup).
-    for name, backend, mode, max_res in (
-            ("torchvision", "torchvision", None, None), ("dali-cpu", "dali", None, None),
-            ("ffcv-jpg", "ffcv", "jpg", None), ("ffcv-proportion", "ffcv", "proportion", None),
-            ("ffcv-raw-256", "ffcv", "raw", 256)):
+    for name, (backend, mode, max_res) in JPEG_LOADERS.items():
         cfg = LoaderConfig(backend=backend, dataset="imagenet", data_dir=str(root), batch_size=batch_size,
                            num_workers=workers, cache_dir=str(out_dir / "cache"))
         beton = root.parent / f"{root.name}-{name}" / "train.beton"
         try:
-            if backend == "ffcv" and not beton.is_file():
-                from pipelines.ffcv_convert import convert
+            if backend == "ffcv":
+                if not beton.is_file():
+                    from pipelines.ffcv_convert import convert
 
-                t0 = time.perf_counter()
-                convert(str(root), str(beton.parent), write_mode=mode, max_resolution=max_res, jpeg_quality=90,
-                        compress_probability=0.5, num_workers=workers, splits=("train",), cache_dir=cfg.cache_dir)
-                print(f"{name} conversion: {time.perf_counter() - t0:.1f} s")
-            cfg.train_beton = cfg.val_beton = str(beton) if backend == "ffcv" else None
+                    t0 = time.perf_counter()
+                    convert(str(root), str(beton.parent), write_mode=mode, max_resolution=max_res, jpeg_quality=90,
+                            compress_probability=0.5, num_workers=workers, splits=("train",),
+                            cache_dir=cfg.cache_dir)
+                    print(f"{name} conversion: {time.perf_counter() - t0:.1f} s")
+                cfg.train_beton = cfg.val_beton = str(beton)
             train, val = create_loaders(cfg)
         except ImportError as e:
             print(f"{name}: skipped ({e})")
             continue
-        results[name] = throughput(train, seconds)
+        results[name] = throughput(name, train, seconds)
         if backend == "ffcv":
             results[name]["beton_mb"] = beton.stat().st_size / 1e6
-        print_row(name, results[name])
         train.close()
         val.close()
     return results
@@ -151,26 +154,17 @@ def bench_small(num_images: int, workers: int, seconds: float, batch_size: int) 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, num_images)
-    results = {}
     split = ArraySplit(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
-    for name, channels_last in (("memory", False), ("memory-channels-last", True)):
-        memory = MemoryLoader(split, CIFAR_MEAN, CIFAR_STD, batch_size=batch_size, train=True, padding=4,
-                              channels_last=channels_last)
-        results[name] = throughput(memory, seconds)
-        print_row(f"{name} (32x32)", results[name])
+    results = {name: throughput(f"{name} (32x32)", MemoryLoader(
+        split, CIFAR_MEAN, CIFAR_STD, batch_size=batch_size, train=True, padding=4, channels_last=channels_last),
+        seconds) for name, channels_last in (("memory", False), ("memory-channels-last", True))}
     per_sample = _EpochDataLoader(_PerSampleCifar(images, labels), batch_size=batch_size, shuffle=True,
                                   num_workers=workers, drop_last=True, persistent_workers=workers > 0)
-    results["torchvision"] = throughput(per_sample, seconds)
-    print_row("torchvision (32x32)", results["torchvision"])
+    results["torchvision"] = throughput("torchvision (32x32)", per_sample, seconds)
     return results
 
 
 # --- report -------------------------------------------------------------------------------------
-
-def print_row(name: str, r: dict) -> None:
-    print(f"{name:>22}: {r['images_per_s']:9.0f} img/s  ({r['images']} images in {r['seconds']:.1f} s, "
-          f"warm-up {r['warmup_s']:.1f} s)", flush=True)
-
 
 def plot(report: dict, path: Path) -> None:
     with figure(path, ncols=2, figsize=(10, 4)) as (fig, axes):
@@ -181,12 +175,11 @@ def plot(report: dict, path: Path) -> None:
             values = [rows[n]["images_per_s"] for n in names]
             bars = ax.bar(names, values, color=["#888888"] + ["#2a7ab9"] * (len(names) - 1))
             for bar, v in zip(bars, values, strict=True):
-                ax.annotate(f"{v:,.0f}\n({v / rows['torchvision']['images_per_s']:.1f}x)",
-                            (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
+                ax.annotate(f"{v:,.0f}\n({v / values[0]:.1f}x)", (bar.get_x() + bar.get_width() / 2, v),
+                            ha="center", va="bottom", fontsize=9)
             ax.tick_params(axis="x", labelrotation=20)  # long backend names would overlap
-            ax.set_title(title, fontsize=10)
-            ax.set_ylabel("images / second")
-            ax.set_yscale("log" if key == "small_32x32" else "linear")
+            ax.set(title=title, ylabel="images / second", yscale="log" if key == "small_32x32" else "linear")
+            ax.title.set_fontsize(10)
             ax.margins(y=0.25)
         fig.suptitle(f"Loader throughput, {report['workers']} workers/threads, "
                      f"{report['environment']['cpu_count']} x {report['environment']['cpu_model']}", fontsize=10)
@@ -197,9 +190,6 @@ class LoaderBenchConfig:
     quick: bool = option(False, "fewer images and shorter timing (about 1 minute)")
     images: int | None = option(None, "JPEGs to generate (default 2000, quick 400)")
     seconds: float | None = option(None, "timed seconds per loader (default 20, quick 4)")
-    torch_threads: int = option(1, "torch threads of the main process: the loaders work in their own workers, "
-                                "and on a busy 2-core machine a second OpenMP thread here stalls batch-level "
-                                "ops (a 600 KB copy measured 20x slower)")
     workers: int = option(2, "workers / threads for every loader")
     batch_size: int = option(64)
     data_dir: str | None = option(None, "where to generate the JPEG folder (default OUT/jpeg-N)")
@@ -212,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (4.0 if args.quick else 20.0)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, args.torch_threads))
-    root = make_jpeg_folder(Path(args.data_dir or out_dir / f"jpeg-{num_images}"), num_images,
-                            workers=args.workers)
+    # One torch thread in the main process: the loaders work in their own workers, and on a busy 2-core
+    # machine a second OpenMP thread here stalled batch-level ops (a 600 KB copy measured 20x slower).
+    torch.set_num_threads(1)
+    root = make_jpeg_folder(Path(args.data_dir or out_dir / f"jpeg-{num_images}"), num_images, workers=args.workers)
     print(f"JPEG folder ({num_images} images, {args.workers} workers, batch {args.batch_size}):")
     jpeg = bench_jpeg(root, args.workers, seconds, args.batch_size, out_dir)
     n_small = 5 * 1024 if args.quick else 20 * 1024

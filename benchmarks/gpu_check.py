@@ -179,32 +179,34 @@ def cuda_tests_part(ctx: Context) -> dict[str, Any]:
 
 def summarise_loss_bench(results: dict[str, dict]) -> str:
     """One line from bench_loss's JSON per dtype: the fused op's best bytes/s and share of peak bandwidth."""
-    parts = []
-    for dtype, data in results.items():
-        rows = [r for r in data["rows"] if "fused_bytes_per_s" in r]
-        if not rows:
-            parts.append(f"{dtype}: no fused timing")
-            continue
-        best = max(rows, key=lambda r: r["fused_bytes_per_s"])
+    def one(rows: list[dict]) -> str:
+        best = max((r for r in rows if "fused_bytes_per_s" in r), key=lambda r: r["fused_bytes_per_s"], default=None)
+        if best is None:
+            return "no fused timing"
         frac = best.get("fused_bandwidth_fraction")
-        share = f" = {100 * frac:.0f}% of peak" if frac else " (peak unknown)"
-        parts.append(f"{dtype}: {best['fused_bytes_per_s'] / 1e9:.0f} GB/s{share} at H,B,K={best['H']},{best['B']},"
-                     f"{best['K']}")
-    return "fused op " + "; ".join(parts)
+        return (f"{best['fused_bytes_per_s'] / 1e9:.0f} GB/s" + (f" = {100 * frac:.0f}% of peak" if frac else
+                " (peak unknown)") + f" at H,B,K={best['H']},{best['B']},{best['K']}")
+
+    return "fused op " + "; ".join(f"{dtype}: {one(data['rows'])}" for dtype, data in results.items())
 
 
 def loss_bench_args(dtype: str, out: Path) -> list[str]:
     return ["--device", "cuda", "--dtype", dtype, "--quick", "--no-compile", "--no-scaling", "--out", str(out)]
 
 
+def benchmark_json(module: str, args: list[str], result: Path, log: Path) -> dict[str, Any]:
+    """Run `python -m benchmarks.MODULE ARGS` and read the JSON it writes to `result` (before its figure,
+    which may fail: the JSON counts)."""
+    rc = sh([PY, "-m", f"benchmarks.{module}", *args], log)
+    if not result.exists():
+        raise PartFailed(f"benchmarks.{module} exit {rc}, no JSON: {last_line(log)}; see {log}")
+    return json.loads(result.read_text())
+
+
 def loss_bench_part(ctx: Context) -> dict[str, Any]:
-    log, results = ctx.out / "loss_bench.log", {}
-    for dtype in ("float32", "bfloat16"):
-        out = ctx.out / f"loss_bench_{dtype}"
-        sh([PY, "-m", "benchmarks.bench_loss", *loss_bench_args(dtype, out)], log)
-        if not (out / "loss_bench.json").exists():  # the figure may fail after the JSON: the JSON counts
-            raise PartFailed(f"bench_loss --dtype {dtype} wrote no JSON: {last_line(log)}; see {log}")
-        results[dtype] = json.loads((out / "loss_bench.json").read_text())
+    results = {dtype: benchmark_json("bench_loss", loss_bench_args(dtype, ctx.out / f"loss_bench_{dtype}"),
+                                     ctx.out / f"loss_bench_{dtype}" / "loss_bench.json", ctx.out / "loss_bench.log")
+               for dtype in ("float32", "bfloat16")}
     return {"status": "measured", "summary": summarise_loss_bench(results),
             "rows": {d: r["rows"] for d, r in results.items()}}
 
@@ -223,12 +225,10 @@ def summarise_throughput(data: dict[str, Any]) -> str:
 
 
 def throughput_part(ctx: Context) -> dict[str, Any]:
-    log, out = ctx.out / "throughput.log", ctx.out / "throughput"
-    rc = sh([PY, "-m", "benchmarks.throughput", *THROUGHPUT_ARGS, "--device", "cuda", "--out", str(out)], log)
-    if not (out / "throughput.json").exists():
-        raise PartFailed(f"benchmarks.throughput exit {rc}, no JSON: {last_line(log)}; see {log}")
-    data = json.loads((out / "throughput.json").read_text())
-    return {"status": "measured", "summary": summarise_throughput(data), "json": str(out / "throughput.json")}
+    result = ctx.out / "throughput" / "throughput.json"
+    data = benchmark_json("throughput", [*THROUGHPUT_ARGS, "--device", "cuda", "--out", str(result.parent)], result,
+                          ctx.out / "throughput.log")
+    return {"status": "measured", "summary": summarise_throughput(data), "json": str(result)}
 
 
 def kill_and_resume(cmd: list[str], out: Path, log: Path, poll_s: float = 0.05) -> dict[str, Any]:
