@@ -19,7 +19,7 @@ from typing import Any
 
 from dhm_fast.errors import UserError
 from dhm_fast.losses import DIRECTIONS, METHODS
-from dhm_fast.models import MODEL_NAMES
+from dhm_fast.models import ARCH_CHOICES, backbones
 from dhm_fast.models.reid_nets import SPECS as REID_ARCHS
 from dhm_fast.sampling import PER_CHOICES
 from dhm_fast.schedules import LR_SCHEDULES, RAMP_SHAPES
@@ -56,7 +56,13 @@ class TrainConfig:
     # what to train
     recipe: str = setting(DEFAULT_RECIPE, "a paper row, e.g. imagenet-resnet152; see --list-recipes", 0,
                           recipe=False, cli=False)
-    arch: str = setting("resnet20", "network", 0, choices=MODEL_NAMES)
+    arch: str = setting("resnet20", "network: one of the paper's, or tv:NAME / timm:NAME, any torchvision / timm "
+                        "classifier with generic branches (docs/backbones.md)", 0, choices=ARCH_CHOICES)
+    fork_at: str | None = setting(None, "tv:/timm: networks: the two fork points of the branches, fx node or module "
+                                  "names, e.g. layer2,layer3 (default: the outputs of the two stages before the "
+                                  "last)", 0)
+    list_fork_points: str | None = setting(None, "print the fork points of this network (e.g. tv:convnext_tiny) "
+                                           "with their shapes, and exit", 0, recipe=False)
     method: str = setting("dhm", "baseline: main head only; dsl: CE on every head; dks: CE + all-pairs KL; "
                           "dhm: CE + pairwise KL with direction and branch sampling", 0, choices=METHODS)
     dropout: float = setting(0.0, "dropout inside wide-ResNet blocks (other networks have none)", 0, ge=0, lt=1)
@@ -83,8 +89,19 @@ class TrainConfig:
     quick: bool = setting(False, "re-ID: train on a generated tiny set in the dataset's layout (written to "
                           "<out>/sample-data) instead of --data-dir, to try a recipe without the data", 1,
                           recipe=False)
-    image_size: int = setting(224, "train/val crop size of folder datasets (ImageNet)", 1, ge=16)
+    image_size: int = setting(224, "train/val crop size of folder datasets (ImageNet); the end of a --res-start "
+                              "ramp", 1, ge=16)
     val_resize: int = setting(256, "shorter side before the validation centre crop (ImageNet)", 1, ge=16)
+    val_size: int | None = setting(None, "validation crop size (default --image-size), e.g. test at 224 after "
+                                   "training at 192 (ImageNet)", 1, ge=16)
+    val_labels: str | None = setting(None, "ground truth of ImageNet's flat val/: LOC_val_solution.csv or the "
+                                     "ILSVRC2012 devkit, folder or .tar.gz (default: found in or above --data-dir; "
+                                     "docs/imagenet.md)", 1, recipe=False)
+    res_start: int | None = setting(None, "progressive resizing: the training side of the first epochs, ramping "
+                                    "to --image-size (a small dataset's native side); default: no ramp", 1, ge=8)
+    res_ramp_start: float = setting(0.0, "epoch where the resolution ramp starts", 1, ge=0)
+    res_ramp_end: float = setting(0.0, "epoch where the resolution ramp reaches its end", 1, ge=0)
+    res_step: int = setting(32, "ramp sides are multiples of this many pixels", 1, ge=1)
     no_scale_aug_methods: list[str] = setting([], "methods that train without scale augmentation (the paper: "
                                               "DHM on the shallow ResNets)", 1, choices=METHODS, cli=False)
     # optimisation
@@ -250,6 +267,11 @@ def validate(cfg: TrainConfig) -> None:
             problem = _check_value(item, f.metadata)
             if problem:
                 raise UserError(f"{flag_name(name)} {problem}")
+    if backbones.is_backbone(cfg.arch) or cfg.fork_at:
+        try:
+            backbones.check(cfg.arch, cfg.fork_at.split(",") if cfg.fork_at else None, cfg.method != "baseline")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise UserError(f"--init-weights {cfg.init_weights} does not exist")
     if cfg.eval_only and not cfg.weights:
@@ -261,8 +283,15 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--quick generates re-ID data; --data {cfg.dataset} has no generator")
     if bool(cfg.train_beton) != bool(cfg.val_beton):
         raise UserError("give both --train-beton and --val-beton, or neither")
-    if cfg.dataset == "imagenet" and cfg.val_resize < cfg.image_size:
-        raise UserError(f"--val-resize {cfg.val_resize} is smaller than the --image-size {cfg.image_size} crop")
+    crop, crop_flag = (cfg.val_size, "--val-size") if cfg.val_size else (cfg.image_size, "--image-size")
+    if cfg.dataset == "imagenet" and cfg.val_resize < crop:
+        raise UserError(f"--val-resize {cfg.val_resize} is smaller than the {crop_flag} {crop} crop")
+    if cfg.res_ramp_end < cfg.res_ramp_start:
+        raise UserError(f"--res-ramp-end {cfg.res_ramp_end:g} is before --res-ramp-start {cfg.res_ramp_start:g}")
+    if cfg.res_start is not None and cfg.dataset == "imagenet" and cfg.res_start > cfg.image_size:
+        raise UserError(f"--res-start {cfg.res_start} is above --image-size {cfg.image_size}, where the ramp ends")
+    if cfg.res_start is not None and cfg.loader == "synthetic":
+        raise UserError("--loader synthetic has no progressive resizing (--res-start)")
     if any(m > cfg.epochs for m in cfg.milestones):
         raise UserError(f"--milestones {cfg.milestones} lie beyond the {cfg.epochs} epochs of training")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -294,8 +323,11 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
     small = cfg.dataset in SMALL_DATASETS
     if small:
         why = f"{cfg.dataset} is held in memory at its own resolution"
-        for name in ("image_size", "val_resize", "data_validation", "train_beton", "val_beton"):
+        for name in ("image_size", "val_resize", "val_size", "val_labels", "data_validation", "train_beton",
+                     "val_beton"):
             ignored[name] = why
+    if cfg.method == "baseline":
+        ignored["fork_at"] = "--method baseline has no branches"
     if not cfg.arch.startswith("wrn"):
         ignored["dropout"] = f"{cfg.arch} has no dropout layers (only the wide ResNets do)"
     if cfg.method not in ("dks", "dhm"):
@@ -309,6 +341,9 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
         ignored["aux_weight"] = "--method baseline trains the main head only"
     if cfg.eval_only:
         ignored["init_weights"] = "--eval-only evaluates --weights"
+    if cfg.res_start is None:
+        for name in ("res_ramp_start", "res_ramp_end", "res_step"):
+            ignored[name] = "no --res-start: the training resolution is constant"
     if cfg.dataset in REID_DATASETS:
         for name in ("val_resize", "data_validation", "train_beton", "val_beton", "train_subset"):
             ignored[name] = f"{cfg.dataset} is decoded once at --image-size and held in memory"

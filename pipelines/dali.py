@@ -5,8 +5,9 @@ nvJPEG ("mixed") and cropped, resized, flipped and normalised on the GPU; otherw
 in DALI's CPU mode (`device_id=None`), which is also what the tests exercise.
 
   train: decode only the rectangle that pipelines.augment chose (the same rule and random numbers as
-         the torchvision loader's), resize it to image_size, flip it when chosen
-  val:   decode, resize the shorter side to val_resize, centre crop image_size
+         the torchvision loader's), resize it to the epoch's side (image_size, or set_resolution's), flip it
+         when chosen
+  val:   decode, resize the shorter side to val_resize, centre crop val_size (default image_size)
 then normalise with the ImageNet mean/std (channels-last when asked: DALI writes HWC and the batch is
 viewed as NCHW, which costs nothing).
 
@@ -63,7 +64,7 @@ def build_pipeline(source, config: LoaderConfig, *, train: bool, gpu: bool, batc
     """The pipeline of one split; `source` yields its batches (see _EpochSource)."""
     dali, _ = _import_dali()
     fn, types = dali.fn, dali.types
-    size = config.image_size
+    size = config.val_size or config.image_size
     mean = [m * 255 for m in IMAGENET_MEAN]
     std = [s * 255 for s in IMAGENET_STD]
     decode_device = "mixed" if gpu else "cpu"
@@ -78,11 +79,12 @@ def build_pipeline(source, config: LoaderConfig, *, train: bool, gpu: bool, batc
                                   seed=PIPELINE_SEED, prefetch_queue_depth=2)
     with pipe:
         if train:
-            jpegs, label, anchor, shape, mirror = fn.external_source(source=source, num_outputs=5, batch=True,
-                                                                       cycle="raise")
+            jpegs, label, anchor, shape, mirror, side = fn.external_source(source=source, num_outputs=6,
+                                                                             batch=True, cycle="raise")
             images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode_device, axis_names="WH",
                                              normalized_anchor=False, normalized_shape=False, **decode_opts)
-            images = fn.resize(images, device=op_device, resize_x=size, resize_y=size)
+            # The side is an input, not a constant: a resolution schedule changes it without a rebuild.
+            images = fn.resize(images, device=op_device, resize_x=side, resize_y=side)
             crop_opts = dict(mirror=mirror)
         else:
             jpegs, label = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise")
@@ -115,7 +117,8 @@ class _EpochSource:
         stop = num_batches(len(idx), d.batch_size, d.drop_last)
         pending: deque[Future] = deque()
         for b in range(start, stop):
-            pending.append(self.pool.submit(self._load, idx[b * d.batch_size:(b + 1) * d.batch_size], epoch, b))
+            chunk = idx[b * d.batch_size:(b + 1) * d.batch_size]
+            pending.append(self.pool.submit(self._load, chunk, epoch, b, d.resolution))
             if len(pending) > READ_AHEAD:
                 yield self._hand_over(pending.popleft())
         while pending:
@@ -126,7 +129,7 @@ class _EpochSource:
         self.fed.append(files)
         return outputs
 
-    def _load(self, chunk: np.ndarray, epoch: int, batch: int) -> tuple[list[str], tuple]:
+    def _load(self, chunk: np.ndarray, epoch: int, batch: int, side: int) -> tuple[list[str], tuple]:
         d = self.loader
         files = [d.images.files[i] for i in chunk]
         data = [np.fromfile(f, dtype=np.uint8) for f in files]
@@ -141,7 +144,8 @@ class _EpochSource:
             top, left, h, w = d.crop.box(draws[k], height, width)
             boxes[k] = (left, top, w, h)
         mirror = np.array([flipped(row) for row in draws], dtype=np.int32)
-        return files, (data, labels, boxes[:, :2].copy(), boxes[:, 2:].copy(), mirror)
+        sides = np.full(len(chunk), side, dtype=np.float32)
+        return files, (data, labels, boxes[:, :2].copy(), boxes[:, 2:].copy(), mirror, sides)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -185,6 +189,7 @@ class DaliLoader:
         self.num_samples = shard_size(len(images), rank=self.rank, world_size=self.world_size, shuffle=train)
         self.epoch = 0
         self.start_batch = 0
+        self.resolution = config.image_size  # train output side (set_resolution)
         self._source: _EpochSource | None = None
         self._pipe = None
         self._iterator = None
@@ -196,6 +201,9 @@ class DaliLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
         self.start_batch = start_batch
+
+    def set_resolution(self, size: int) -> None:
+        self.resolution = size
 
     def _start_epoch(self):
         """The pipeline's iterator, positioned at the start of the set epoch (from start_batch)."""

@@ -5,8 +5,11 @@ The same augmentation as the DALI and torchvision loaders, done by FFCV's JIT-co
   train, scale_aug=False: a random square crop of side image_size/val_resize of the shorter side,
                           resized to image_size (= resize the shorter side to val_resize, then a
                           random image_size crop), flip
-  val:                    centre square crop of side image_size/val_resize of the shorter side,
-                          resized to image_size (= resize to val_resize, centre crop image_size)
+  val:                    centre square crop of side val_size/val_resize of the shorter side,
+                          resized to val_size (= resize to val_resize, centre crop val_size; val_size
+                          defaults to image_size)
+A resolution schedule sets the train decoder's output size between epochs (FFCV sizes its buffers
+at each epoch's start).
 Batches leave FFCV as uint8 channels-last views (ToDevice first on CUDA) and are normalised here on
 the device with torch, which needs no cupy and no per-pixel JIT loop on the CPU.
 
@@ -156,14 +159,15 @@ class FfcvLoader:
         self.epoch = 0
 
         size = (config.image_size, config.image_size)
-        fraction = config.image_size / config.val_resize
         if train and config.scale_aug:
             decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(config.scale),
                                                        ratio=tuple(config.ratio))
         elif train:
-            decoder = RandomSquareCropRGBImageDecoder(size, fraction)
+            decoder = RandomSquareCropRGBImageDecoder(size, config.image_size / config.val_resize)
         else:
-            decoder = CenterCropRGBImageDecoder(size, ratio=fraction)
+            side = config.val_size or config.image_size
+            decoder = CenterCropRGBImageDecoder((side, side), ratio=side / config.val_resize)
+        self._decoder = decoder  # its output_size is re-read at every epoch's start (set_resolution)
         on_gpu = self.device.type == "cuda"
         image_ops = [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor()]
         label_ops = [IntDecoder(), ToTensor(), Squeeze()]
@@ -185,6 +189,13 @@ class FfcvLoader:
 
     def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    @property
+    def resolution(self) -> int:
+        return self._decoder.output_size[0]
+
+    def set_resolution(self, size: int) -> None:
+        self._decoder.output_size = (size, size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch

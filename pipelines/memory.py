@@ -1,6 +1,8 @@
 """The fast path for small images: the whole dataset lives on the training device as one uint8
 tensor, and pad-and-crop + flip + normalise run on whole batches there (no per-sample Python work).
 
+set_resolution resizes the training crops (bilinear) for progressive resizing; validation stays native.
+
 Randomness (order, crop offsets, flips) for an epoch is drawn up front from (seed, epoch), so an epoch
 is reproducible and a run resumed mid-epoch sees exactly the batches it would have seen.
 
@@ -74,6 +76,7 @@ class MemoryLoader:
         self.skipped: list[tuple[str, str]] = []  # an array dataset has no files to skip
         self.height = split.images.shape[2]
         self.width = split.images.shape[3]
+        self.resolution = self.height  # train output side; set_resolution resizes the crops to another
         # The same coefficients as every other backend's normalisation (and the native op's table).
         self.scale, self.shift, self.table = Normalizer(mean, std).coefficients(self.device)
         self.native = native_crop_normalize() if self.device.type == "cpu" else None
@@ -89,6 +92,9 @@ class MemoryLoader:
         if self.drop_last:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
+
+    def set_resolution(self, size: int) -> None:
+        self.resolution = size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Draw epoch `epoch`'s order and augmentation; iteration starts at batch `start_batch`."""
@@ -129,7 +135,16 @@ class MemoryLoader:
         self.start_batch = 0  # a resumed epoch starts mid-way once only
         for b in range(start, len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield self._crop_normalise(source[sl], origin[sl]), self.labels[order[sl]]
+            images = self._crop_normalise(source[sl], origin[sl])
+            if (self.resolution, self.resolution) != tuple(images.shape[2:]):
+                images = self._resize(images)
+            yield images, self.labels[order[sl]]
+
+    def _resize(self, images: Tensor) -> Tensor:
+        """Square crops of another side (progressive resizing), bilinear, antialiased when shrinking."""
+        side = (self.resolution, self.resolution)
+        x = torch.nn.functional.interpolate(images, size=side, mode="bilinear", antialias=True, align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _crop_normalise(self, source: Tensor, origin: Tensor) -> Tensor:
         if self.native is not None:

@@ -2,7 +2,8 @@
 
 Train: the crop and flip of pipelines.augment, whose random numbers the sampler draws in the main
 process and hands to the workers with each index (so worker count and resuming change nothing).
-Val: resize the shorter side to val_resize, centre crop image_size.
+The training side is image_size, or what set_resolution sets (progressive resizing).
+Val: resize the shorter side to val_resize, centre crop val_size (default image_size).
 Workers are persistent (started once, reused every epoch), prefetch `PREFETCH` batches each, and
 produce uint8 tensors, pinned when training on CUDA; normalisation and channels-last happen on the
 training device, on whole batches. A file that fails to decode at run time (validation only reads
@@ -40,21 +41,22 @@ Sample = tuple[Tensor | None, int, tuple[str, str] | None]
 class ImageListDataset(Dataset):
     """Decodes the validated files of one split; a decode failure yields (None, label, (path, why)).
 
-    Indexed by (file index, that sample's augmentation draws or None for val), as EpochSampler yields.
+    Indexed by (file index, that sample's augmentation draws and output side, or None for val), as
+    EpochSampler yields: the side travels with the index, so persistent workers follow a resolution schedule.
     """
 
     def __init__(self, images: ImageList, config: LoaderConfig) -> None:
         self.files = images.files
         self.labels = images.labels
-        self.size = config.image_size
         self.crop = TrainCrop.from_config(config)
-        self.val_ops = T.Compose([T.Resize(config.val_resize, antialias=True), T.CenterCrop(self.size)])
+        self.val_ops = T.Compose([T.Resize(config.val_resize, antialias=True),
+                                  T.CenterCrop(config.val_size or config.image_size)])
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, np.ndarray | None]) -> Sample:
-        index, draws = item
+    def __getitem__(self, item: tuple[int, np.ndarray | None, int | None]) -> Sample:
+        index, draws, size = item
         path = self.files[index]
         try:
             with Image.open(path) as img:
@@ -65,7 +67,7 @@ class ImageListDataset(Dataset):
         if draws is None:
             return self.val_ops(image), self.labels[index], None
         top, left, h, w = self.crop.box(draws, image.shape[1], image.shape[2])
-        image = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        image = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         if flipped(draws):
             image = F.horizontal_flip(image)
         return image, self.labels[index], None
@@ -79,13 +81,15 @@ def collate(samples: list[Sample]) -> tuple[Tensor, Tensor, list[tuple[str, str]
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
-class EpochSampler(Sampler[tuple[int, np.ndarray | None]]):
+class EpochSampler(Sampler[tuple[int, np.ndarray | None, int | None]]):
     """This process's shard of the dataset for the current epoch (see pipelines.sharding), each index
-    with its augmentation draws (train) or None (val)."""
+    with its augmentation draws and output side (train) or None, None (val)."""
 
-    def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int, batch_size: int) -> None:
+    def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int, batch_size: int,
+                 size: int) -> None:
         self.n, self.rank, self.world_size, self.train, self.seed = n, rank, world_size, train, seed
         self.batch_size = batch_size
+        self.size = size
         self.epoch = 0
         self.start_batch = 0  # where a resumed epoch starts
 
@@ -93,17 +97,17 @@ class EpochSampler(Sampler[tuple[int, np.ndarray | None]]):
         n = shard_size(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train)
         return max(0, n - self.start_batch * self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None]]:
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None, int | None]]:
         epoch, start, self.start_batch = self.epoch, self.start_batch, 0  # a resumed epoch starts mid-way once
         idx = epoch_indices(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train,
                             seed=self.seed, epoch=epoch)
         for b in range(start, -(-len(idx) // self.batch_size)):
             chunk = idx[b * self.batch_size:(b + 1) * self.batch_size].tolist()
             if not self.train:
-                yield from ((i, None) for i in chunk)
+                yield from ((i, None, None) for i in chunk)
                 continue
             draws = batch_draws(self.seed, epoch, self.rank, b, self.batch_size)
-            yield from zip(chunk, draws, strict=False)
+            yield from ((i, d, self.size) for i, d in zip(chunk, draws, strict=False))
 
 
 class TorchvisionLoader:
@@ -125,7 +129,7 @@ class TorchvisionLoader:
         self.in_channels = 3
         self.skipped: list[tuple[str, str]] = list(images.skipped)  # up front + found while loading
         self.sampler = EpochSampler(len(images), rank=config.rank, world_size=config.world_size, train=train,
-                                    seed=config.seed, batch_size=self.batch_size)
+                                    seed=config.seed, batch_size=self.batch_size, size=config.image_size)
         self.num_samples = shard_size(len(images), rank=config.rank, world_size=config.world_size,
                                       shuffle=train)
         self.normalize = Normalizer(channels_last=config.channels_last)
@@ -147,6 +151,13 @@ class TorchvisionLoader:
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    @property
+    def resolution(self) -> int:
+        return self.sampler.size
+
+    def set_resolution(self, size: int) -> None:
+        self.sampler.size = size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch = epoch

@@ -1,0 +1,62 @@
+"""Progressive resizing: the training resolution of each epoch, as a pure function of the epoch, so a
+run resumed anywhere continues the ramp exactly.
+
+The side is --res-start up to epoch --res-ramp-start, then ramps linearly to the end side (--image-size;
+a small dataset's native side) at epoch --res-ramp-end, rounded to a multiple of --res-step (fast
+ImageNet recipes: 160 -> 192 px in steps of 32). It changes only between epochs: the loaders take a new
+side at an epoch's start, and a compiled model meets a handful of shapes (see `compile_shapes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dhm_fast.config import TrainConfig
+from dhm_fast.errors import UserError
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    start: int
+    end: int
+    ramp_start: float = 0.0  # epochs
+    ramp_end: float = 0.0
+    step: int = 32
+
+    def at(self, epoch: int) -> int:
+        """The training side during epoch `epoch` (0-based)."""
+        if epoch <= self.ramp_start:
+            return self.start
+        if epoch >= self.ramp_end:
+            return self.end
+        t = (epoch - self.ramp_start) / (self.ramp_end - self.ramp_start)
+        side = round((self.start + t * (self.end - self.start)) / self.step) * self.step
+        return min(max(side, min(self.start, self.end)), max(self.start, self.end))
+
+    def sides(self, epochs: int) -> list[int]:
+        return [self.at(e) for e in range(epochs)]
+
+
+def schedule_for(cfg: TrainConfig, end: int) -> ResolutionSchedule | None:
+    """The run's schedule (None without --res-start); `end` is the train loader's own side."""
+    if cfg.res_start is None:
+        return None
+    return ResolutionSchedule(cfg.res_start, end, cfg.res_ramp_start, cfg.res_ramp_end, cfg.res_step)
+
+
+def apply(loader, schedule: ResolutionSchedule | None, epoch: int) -> int | None:
+    """Set the loader's training side for `epoch`; returns it (None without a schedule)."""
+    if schedule is None:
+        return None
+    if not hasattr(loader, "set_resolution"):
+        raise UserError(f"the {loader.name} loader has no progressive resizing (--res-start)")
+    side = schedule.at(epoch)
+    loader.set_resolution(side)
+    return side
+
+
+def compile_shapes(schedule: ResolutionSchedule | None, epochs: int) -> int:
+    """Graphs per branch pattern that torch.compile builds for training: one for the first side, and,
+    when the side changes, one more in which Dynamo's automatic dynamic shapes make height and width
+    symbolic, which then serves every later side."""
+    return 1 if schedule is None or len(set(schedule.sides(epochs))) == 1 else 2
