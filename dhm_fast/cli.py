@@ -118,7 +118,8 @@ def _run(cfg) -> int:
         return 0
     if summary["final"] is not None:
         _print_heads(summary["final"], "test accuracy after the last epoch")
-        print(f"best main-head top-1: {summary['best_main_top1']:.2f}% (epoch {summary['best_epoch']})")
+        metric, label = ("mAP", "mAP") if "best_main_mAP" in summary else ("top1", "top-1")
+        print(f"best main-head {label}: {summary['best_main_' + metric]:.2f}% (epoch {summary['best_epoch']})")
     print("outputs: " + ", ".join(f"{k} {v}" for k, v in summary["outputs"].items()))
     return 0
 
@@ -126,4 +127,8 @@ def _run(cfg) -> int:
 def _print_heads(result: dict, title: str) -> None:
     print(f"{title} ({result['samples']} images):")
     for name, h in result["heads"].items():
-        print(f"  {name:5s} top-1 {h['top1']:6.2f}%  top-5 {h['top5']:6.2f}%  loss {h['ce']:.4f}")
+        if "mAP" in h:  # person re-ID (dhm_fast/reid_eval.py)
+            ranks = "  ".join(f"rank-{k} {h[f'rank{k}']:6.2f}%" for k in (1, 5, 10))
+            print(f"  {name:5s} mAP {h['mAP']:6.2f}%  {ranks}")
+        else:
+            print(f"  {name:5s} top-1 {h['top1']:6.2f}%  top-5 {h['top5']:6.2f}%  loss {h['ce']:.4f}")

@@ -21,12 +21,15 @@ def draw_curves(records: list[dict], title: str = "") -> Figure | None:
     fig = Figure(figsize=(11, 7.5))
     ax_ce, ax_acc, ax_kl, ax_sched = fig.subplots(2, 2).flat
 
+    reid = bool(epochs) and "mAP" in epochs[-1]["val"]["heads"]["main"]  # person re-ID: mAP and Rank-1
+    metrics = (("mAP", "-"), ("rank1", "--")) if reid else (("top1", "-"),)
     for name in heads:
         ax_ce.plot(x, [_get(r["train"]["heads"], name, "ce") for r in steps], label=name)
-        ax_acc.plot([r["epoch"] + 1 for r in epochs], [r["val"]["heads"][name]["top1"] for r in epochs],
-                    marker="o", label=name)
+        for metric, style in metrics:
+            ax_acc.plot([r["epoch"] + 1 for r in epochs], [r["val"]["heads"][name][metric] for r in epochs], style,
+                        marker="o", label=f"{name} {metric}" if reid else name)
     ax_ce.set(title="train cross-entropy per head", xlabel="epoch")
-    ax_acc.set(title="validation top-1 % per head (epoch ends)", xlabel="epoch")
+    ax_acc.set(title=f"validation {'mAP and rank-1' if reid else 'top-1'} % per head (epoch ends)", xlabel="epoch")
 
     pairs = sorted({p for r in steps for p in r["train"].get("kl", {})})
     for pair in pairs:

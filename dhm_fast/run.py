@@ -130,7 +130,8 @@ class Run:
         if note:
             log(note)
         sampler = BranchSampler(self.num_heads, cfg.branch_prob, cfg.branch_sample_per, cfg.seed)
-        self.net = distributed.wrap_ddp(self.model, self.device, find_unused_parameters=not sampler.always_all or self.freeze_epochs > 0)
+        unused = not sampler.always_all or self.freeze_epochs > 0  # skipped branches, a frozen trunk
+        self.net = distributed.wrap_ddp(self.model, self.device, find_unused_parameters=unused)
         self.eval_net = self.model  # outside DDP: evaluation needs no collective per batch
         if cfg.compile:
             # The DDP-wrapped module is compiled, so Dynamo's DDP optimizer splits the graph at bucket
