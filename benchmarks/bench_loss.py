@@ -5,9 +5,8 @@
 Variants, timed in interleaved rounds in one process: fused (the trainer's loss call on the native op),
 pair_loop (the authors' released loop over head pairs), reference (the trainer's plain-PyTorch backend;
 reference_compiled: under torch.compile), floor (one softmax over the same logits) and autograd (a sum
-through autograd). On the CPU also the thread scaling of the fused op and the softmax; on a GPU the fused
-op's bytes/s against peak bandwidth. Prints a table, writes OUT/loss_bench.json and .png; what each
-variant is and the figures: docs/benchmarks.md.
+through autograd). On a GPU also the fused op's bytes/s against peak bandwidth. Prints a table, writes
+OUT/loss_bench.json and .png; what each variant is and the figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from dhm_fast.losses import LossConfig, select_backend
 SHAPES = ((3, 256, 1000), (3, 128, 100), (4, 512, 1000), (3, 64, 21843))  # (H, B, K)
 TEMPERATURE, ALPHA, EPS = 1.0, 1.0, 1e-8
 VARIANTS = ("fused", "pair_loop", "reference", "reference_compiled", "floor", "autograd")
-SCALING_THREADS = (1, 2)
 
 
 @dataclass
@@ -39,7 +37,6 @@ class LossBenchConfig:
     dtype: str = option("float32", choices=("float32", "bfloat16", "float16"))
     repeats: int | None = option(None, "timed repeats per variant (default 20, quick 5)", ge=1)
     no_compile: bool = option(False, "skip the torch.compile variant")
-    no_scaling: bool = option(False, "skip the CPU thread-scaling measurement")
     threads: int | None = option(None, "torch CPU threads (default: torch's)", ge=1)
     out: Path = option(Path("bench_out"))
 
@@ -134,25 +131,6 @@ def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference) -> dic
     return row
 
 
-def thread_scaling(h, b, k, dtype, repeats, warmup) -> dict:
-    """CPU: median seconds of the fused op (forward + backward) and of the softmax pass at each of
-    SCALING_THREADS threads, and each one's speed-up from the first count to the last."""
-    fns = variants(h, b, k, torch.device("cpu"), dtype, compile_reference=False)
-    fns = {"softmax": fns["floor"], **({"fused": fns["fused"]} if "fused" in fns else {})}
-    before = torch.get_num_threads()
-    seconds: dict[str, dict[int, float]] = {name: {} for name in fns}
-    try:
-        for n in SCALING_THREADS:
-            torch.set_num_threads(n)
-            for name, ts in common.time_round_robin(fns, "cpu", repeats, warmup).items():
-                seconds[name][n] = common.quantiles(ts)["median"]
-    finally:
-        torch.set_num_threads(before)
-    first, last = SCALING_THREADS[0], SCALING_THREADS[-1]
-    return {"threads": list(SCALING_THREADS), "seconds": seconds,
-            "speedup": {name: s[first] / s[last] for name, s in seconds.items()}}
-
-
 # ---------------------------------------------------------------------------- report
 def print_table(rows: list[dict]) -> None:
     names = [v for v in VARIANTS if any(v in r["seconds"] for r in rows)]
@@ -171,11 +149,6 @@ def print_table(rows: list[dict]) -> None:
             frac = r.get("fused_bandwidth_fraction")
             print(f"{'':>16} fused moves {r['fused_bytes_per_s'] / 1e9:.1f} GB/s"
                   + (f" ({100 * frac:.0f}% of peak)" if frac else ""))
-        if "scaling" in r:
-            sc = r["scaling"]
-            print(f"{'':>16} thread scaling {SCALING_THREADS[0]} -> {SCALING_THREADS[-1]} threads: " + ", ".join(
-                f"{name} " + " / ".join(f"{t * 1e3:.3f}" for t in sec.values()) + f" ms, {sc['speedup'][name]:.2f}x"
-                for name, sec in sc["seconds"].items()))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -204,10 +177,7 @@ def run(args: LossBenchConfig, argv: list[str] | None) -> None:
         print(f"note: {backend.reason}; timing the other variants only")
     rows = []
     for h, b, k in SHAPES:
-        row = run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile)
-        if device.type == "cpu" and not args.no_scaling:
-            row["scaling"] = thread_scaling(h, b, k, dtype, repeats, warmup)
-        rows.append(row)
+        rows.append(run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile))
         common.log(f"done H={h} B={b} K={k}")
     print_table(rows)
     meta = {**common.environment(device, "benchmarks.bench_loss", argv), "dtype": args.dtype,

@@ -191,7 +191,7 @@ def summarise_loss_bench(results: dict[str, dict]) -> str:
 
 
 def loss_bench_args(dtype: str, out: Path) -> list[str]:
-    return ["--device", "cuda", "--dtype", dtype, "--quick", "--no-compile", "--no-scaling", "--out", str(out)]
+    return ["--device", "cuda", "--dtype", dtype, "--quick", "--no-compile", "--out", str(out)]
 
 
 def benchmark_json(module: str, args: list[str], result: Path, log: Path) -> dict[str, Any]:
