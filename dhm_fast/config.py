@@ -19,7 +19,7 @@ from typing import Any
 
 from dhm_fast.errors import UserError
 from dhm_fast.losses import DIRECTIONS, METHODS
-from dhm_fast.models import MODEL_NAMES
+from dhm_fast.models import ARCH_CHOICES, backbones
 from dhm_fast.models.reid_nets import SPECS as REID_ARCHS
 from dhm_fast.sampling import PER_CHOICES
 from dhm_fast.schedules import LR_SCHEDULES, RAMP_SHAPES
@@ -56,7 +56,13 @@ class TrainConfig:
     # what to train
     recipe: str = setting(DEFAULT_RECIPE, "a paper row, e.g. imagenet-resnet152; see --list-recipes", 0,
                           recipe=False, cli=False)
-    arch: str = setting("resnet20", "network", 0, choices=MODEL_NAMES)
+    arch: str = setting("resnet20", "network: one of the paper's, or tv:NAME / timm:NAME, any torchvision / timm "
+                        "classifier with generic branches (docs/backbones.md)", 0, choices=ARCH_CHOICES)
+    fork_at: str | None = setting(None, "tv:/timm: networks: the two fork points of the branches, fx node or module "
+                                  "names, e.g. layer2,layer3 (default: the outputs of the two stages before the "
+                                  "last)", 0)
+    list_fork_points: str | None = setting(None, "print the fork points of this network (e.g. tv:convnext_tiny) "
+                                           "with their shapes, and exit", 0, recipe=False)
     method: str = setting("dhm", "baseline: main head only; dsl: CE on every head; dks: CE + all-pairs KL; "
                           "dhm: CE + pairwise KL with direction and branch sampling", 0, choices=METHODS)
     dropout: float = setting(0.0, "dropout inside wide-ResNet blocks (other networks have none)", 0, ge=0, lt=1)
@@ -261,6 +267,11 @@ def validate(cfg: TrainConfig) -> None:
             problem = _check_value(item, f.metadata)
             if problem:
                 raise UserError(f"{flag_name(name)} {problem}")
+    if backbones.is_backbone(cfg.arch) or cfg.fork_at:
+        try:
+            backbones.check(cfg.arch, cfg.fork_at.split(",") if cfg.fork_at else None, cfg.method != "baseline")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise UserError(f"--init-weights {cfg.init_weights} does not exist")
     if cfg.eval_only and not cfg.weights:
@@ -315,6 +326,8 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
         for name in ("image_size", "val_resize", "val_size", "val_labels", "data_validation", "train_beton",
                      "val_beton"):
             ignored[name] = why
+    if cfg.method == "baseline":
+        ignored["fork_at"] = "--method baseline has no branches"
     if not cfg.arch.startswith("wrn"):
         ignored["dropout"] = f"{cfg.arch} has no dropout layers (only the wide ResNets do)"
     if cfg.method not in ("dks", "dhm"):
@@ -328,6 +341,9 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
         ignored["aux_weight"] = "--method baseline trains the main head only"
     if cfg.eval_only:
         ignored["init_weights"] = "--eval-only evaluates --weights"
+    if cfg.res_start is None:
+        for name in ("res_ramp_start", "res_ramp_end", "res_step"):
+            ignored[name] = "no --res-start: the training resolution is constant"
     if cfg.dataset in REID_DATASETS:
         for name in ("val_resize", "data_validation", "train_beton", "val_beton", "train_subset"):
             ignored[name] = f"{cfg.dataset} is decoded once at --image-size and held in memory"
@@ -335,9 +351,6 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
         ignored["freeze_trunk_epochs"] = "only a re-ID network started from --init-weights has a trunk to freeze"
     if cfg.optimizer != "sgd":
         ignored["momentum"] = ignored["nesterov"] = f"--optimizer {cfg.optimizer} has no SGD momentum"
-    if cfg.res_start is None:
-        for name in ("res_ramp_start", "res_ramp_end", "res_step"):
-            ignored[name] = "no --res-start: the training resolution is constant"
     if cfg.lr_schedule != "multistep":
         ignored["milestones"] = ignored["gamma"] = f"--lr-schedule {cfg.lr_schedule} has no steps"
     return ignored

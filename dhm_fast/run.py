@@ -1,7 +1,7 @@
 """One training (or evaluation) run: build the pieces from a config, loop epochs, checkpoint, log.
 
-Outputs in `cfg.out`: last.pt (resumable), best.pt (best main-head val top-1), log.jsonl (a training
-record per log interval and a record per epoch, see dhm_fast/logbook.py), curves.png (per-head curves),
+Outputs in `cfg.out`: last.pt (resumable), best.pt (best main-head val top-1; re-ID: mAP), log.jsonl (a
+training record per log interval and a record per epoch, see dhm_fast/logbook.py), curves.png (per-head curves),
 config.json, summary.json, and TensorBoard event files with --tensorboard.
 
 Under torchrun every process runs this same code on its shard of the data (docs/distributed.md): metrics
@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import dhm_fast.reid_eval as reid
 from dhm_fast import checkpoint, distributed, precision, resolution, telemetry
 from dhm_fast.config import TrainConfig
 from dhm_fast.engine import NonFiniteLoss, Progress, evaluate, step_parts, train_one_epoch
 from dhm_fast.errors import UserError
 from dhm_fast.global_batch import micro_batch
-from dhm_fast.init_weights import load_init_weights, read_weights
+from dhm_fast.init_weights import load_init_weights, model_names, read_weights
 from dhm_fast.logbook import Logbook
 from dhm_fast.metrics import TrainMeter
 from dhm_fast.models import create_model
+from dhm_fast.models.backbones import branch_summary
 from dhm_fast.optim import build_optimizer
 from dhm_fast.sampling import BranchSampler
 from pipelines import LoaderConfig, create_loaders
@@ -58,7 +60,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, world: distributed.Wor
     """This process's loaders: its shard (rank of world) and its micro-batch (default: --batch-size)."""
     world = world or distributed.World()
     return LoaderConfig(
-        backend=cfg.loader, dataset=cfg.dataset, data_dir=cfg.data_dir, train_beton=cfg.train_beton,
+        backend=cfg.loader, dataset=cfg.dataset, data_dir=reid.data_dir(cfg), train_beton=cfg.train_beton,
         val_beton=cfg.val_beton, batch_size=batch_size or cfg.batch_size, device=str(device),
         channels_last=bool(cfg.channels_last), rank=world.rank, world_size=world.world_size,
         seed=cfg.seed, num_workers=cfg.num_workers, image_size=cfg.image_size, val_resize=cfg.val_resize,
@@ -77,6 +79,8 @@ def compile_limits(num_heads: int, shapes: int = 1) -> None:
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int, device: torch.device):
     kwargs = {"dropout": cfg.dropout} if cfg.dropout else {}
+    if cfg.fork_at and cfg.method != "baseline":
+        kwargs["fork_at"] = cfg.fork_at.split(",")
     try:
         model = create_model(cfg.arch, num_classes, method=cfg.method, in_channels=in_channels, **kwargs)
     except (ValueError, TypeError) as e:
@@ -114,13 +118,20 @@ class Run:
         if init_state is not None:  # a resumed checkpoint later overrides these
             for line in load_init_weights(model, init_state).lines():
                 log(line)
+        for line in branch_summary(model, getattr(self.train_loader, "resolution", cfg.image_size)):
+            log(line)  # the generic branches' cost next to the trunk's
         if cfg.sync_bn:
             model = distributed.convert_sync_bn(model, self.device)
         self.model = model  # the bare network: what checkpoints hold
         self.head_names = self.model.head_names
         self.num_heads = self.model.num_heads
+        self.headline = reid.HEADLINE if reid.is_reid(cfg) else "top1"  # the main-head metric that picks best.pt
+        self.freeze_epochs, note = reid.freeze_epochs(cfg)
+        if note:
+            log(note)
         sampler = BranchSampler(self.num_heads, cfg.branch_prob, cfg.branch_sample_per, cfg.seed)
-        self.net = distributed.wrap_ddp(self.model, self.device, find_unused_parameters=not sampler.always_all)
+        unused = not sampler.always_all or self.freeze_epochs > 0  # skipped branches, a frozen trunk
+        self.net = distributed.wrap_ddp(self.model, self.device, find_unused_parameters=unused)
         self.eval_net = self.model  # outside DDP: evaluation needs no collective per batch
         if cfg.compile:
             # The DDP-wrapped module is compiled, so Dynamo's DDP optimizer splits the graph at bucket
@@ -294,6 +305,8 @@ class Run:
         cfg, p = self.cfg, self.progress
         start_step = p.step - p.epoch * self.steps_per_epoch
         start_batch = start_step * cfg.grad_accum  # the loader counts micro-batches
+        if self.freeze_epochs:  # re-ID warm-up: only the new layers learn (dhm_fast/models/reid_nets.py)
+            self.model.freeze_trunk(p.epoch < self.freeze_epochs)
         side = resolution.apply(self.train_loader, self.resolution, p.epoch)
         self.train_loader.set_epoch(p.epoch, start_batch)
         bar = tqdm(self.train_loader, total=self.steps_per_epoch * cfg.grad_accum, initial=start_batch,
@@ -318,8 +331,11 @@ class Run:
             return False
         train_time = time.perf_counter() - t0
         distributed.broadcast_buffers(self.model)  # every process evaluates rank 0's BatchNorm statistics
-        val = evaluate(self.eval_net, self.val_loader, self.num_heads, self.autocast, self.device,
-                       reduce=distributed.all_reduce_sum, head_names=self.head_names)
+        if reid.is_reid(cfg):
+            val = reid.evaluate_reid(self.eval_net, self.val_loader, self.autocast, self.head_names)
+        else:
+            val = evaluate(self.eval_net, self.val_loader, self.num_heads, self.autocast, self.device,
+                           reduce=distributed.all_reduce_sum, head_names=self.head_names)
         meter = distributed.reduce_train_meter(self.meter)  # over every process
         _check_finite(meter, p.step)
         record = {
@@ -329,12 +345,12 @@ class Run:
             "train_seconds": train_time, "train_img_per_s": meter.samples / max(train_time, 1e-9),
             "batch": self.batch_info(), **({"resolution": side} if side else {}),
         }
-        top1 = val["heads"]["main"]["top1"]  # reduced: the same on every process, so is the decision
-        if top1 > p.best_top1:
-            p.best_top1, p.best_epoch = top1, p.epoch
+        score = val["heads"]["main"][self.headline]  # the same on every process, so is the decision
+        if score > p.best_top1:
+            p.best_top1, p.best_epoch = score, p.epoch
             if self.world.is_main:
                 checkpoint.save_atomic({"model": self.model.state_dict(), "config": cfg.to_dict(),
-                                        "num_classes": self.num_classes, "epoch": p.epoch, "top1": top1},
+                                        "num_classes": self.num_classes, "epoch": p.epoch, self.headline: score},
                                        self.out / checkpoint.BEST)
         p.history.append(record)
         p.epoch += 1
@@ -344,9 +360,10 @@ class Run:
             self.logbook.append(record)
             self.logbook.rewrite(p.history)
             _report_skipped(self.train_loader, self.val_loader)
-        heads = "  ".join(f"{n} {h['top1']:.2f}%" for n, h in val["heads"].items())
+        heads = reid.describe(val) if reid.is_reid(cfg) else "top-1 " + "  ".join(
+            f"{n} {h['top1']:.2f}%" for n, h in val["heads"].items())
         log(f"epoch {p.epoch}/{cfg.epochs}: train loss {record['train']['loss']:.4f}, "
-            f"{record['train_img_per_s']:.0f} img/s; val top-1 {heads}")
+            f"{record['train_img_per_s']:.0f} img/s; val {heads}")
         return True
 
     def finish(self, stopped_early: bool = False) -> dict:
@@ -355,7 +372,7 @@ class Run:
         summary = {
             "stopped_early": stopped_early, "epochs_done": p.epoch, "steps": p.step,
             "best_epoch": p.best_epoch + 1 if p.best_epoch >= 0 else None,
-            "best_main_top1": p.best_top1 if p.best_epoch >= 0 else None,
+            f"best_main_{self.headline}": p.best_top1 if p.best_epoch >= 0 else None,
             "final": epochs[-1]["val"] if epochs else None,
             "batch": self.batch_info(),
             "outputs": {k: str(self.out / v) for k, v in
@@ -410,7 +427,7 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
 
     Under torchrun each process evaluates its shard of the validation set and the counts are summed.
     """
-    state = checkpoint.model_state(checkpoint.load(cfg.weights))  # a bad file fails before the data scan
+    state = read_weights(cfg.weights)  # safetensors or a weights-only torch file; a bad one fails before the data
     world, device = distributed.init(cfg.device, cfg.dist_timeout)
     speed = precision.choose(cfg.amp, cfg.channels_last, device, cfg.deterministic)
     cfg = dataclasses.replace(cfg, amp=speed.amp, channels_last=speed.channels_last)
@@ -422,11 +439,17 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
         from dhm_fast.export import from_release
 
         state = from_release(state, cfg.arch)
+    if not any(k.startswith(("aux1.", "aux2.")) for k in state):  # an exported network: its main head only
+        cfg = dataclasses.replace(cfg, method="baseline")
     model = build_model(cfg, val_loader.num_classes, val_loader.in_channels, device)
+    state = model_names(model, state)  # exported tv:/timm: weights carry the stock names
     if model.num_heads == 1:  # evaluating the inference network: branch weights are not needed
         state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
     checkpoint.load_model_weights(model, state, cfg.weights, f"{cfg.arch} ({cfg.method})")
-    result = evaluate(model, val_loader, model.num_heads, autocast, device, reduce=distributed.all_reduce_sum,
-                      head_names=model.head_names)
+    if reid.is_reid(cfg):
+        result = reid.evaluate_reid(model, val_loader, autocast, model.head_names)
+    else:
+        result = evaluate(model, val_loader, model.num_heads, autocast, device, reduce=distributed.all_reduce_sum,
+                          head_names=model.head_names)
     distributed.destroy()
     return result
