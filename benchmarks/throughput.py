@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import re
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -256,11 +255,6 @@ def set_threads(threads: int | None, device: torch.device) -> None:
             "--threads 1 gives steadier figures")
 
 
-def rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Benchmark every variant; returns the JSON-ready result (also written to cfg.out). `argv` is
     recorded as the command (None: this process's own)."""
@@ -277,7 +271,6 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
     autocast = precision.autocast_factory(speed, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rss0 = rss_bytes()
 
     loader, batches = endless(cfg, device)
     images, _ = next(batches)
@@ -319,8 +312,6 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
     traces = profile_all(benches, batches, device, out) if cfg.profile else []
     loader.close()
     result = report.summarise(benches, cfg, device, telemetry, traces, loader.name, loss_backend, argv)
-    if device.type == "cpu":
-        result["memory"]["process_rss_growth_bytes"] = max(rss_bytes() - rss0, 0)
     (out / "throughput.json").write_text(json.dumps(result, indent=2))
     print(report.format_table(result))
     report.plot(result, out / "throughput.png")

@@ -89,8 +89,7 @@ def summarise(benches: list[Bench], cfg: BenchConfig, device: torch.device, tele
                    "optimizer_kernels": kernels},
         "environment": environment(device, "benchmarks.throughput", argv),
         "loss_backend": loss_backend, "methods": rows, "targets": targets, "telemetry": telemetry.summary(),
-        "memory": {"peak_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a (CPU)",
-                   "process_rss_growth_bytes": None},
+        "memory": {"peak_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a (CPU)"},
         "profile_traces": traces, "notes": "what each figure means: docs/benchmarks.md",
     }
 
