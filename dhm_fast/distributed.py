@@ -142,19 +142,13 @@ def destroy() -> None:
 
 
 def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
-    """Sum every tensor across processes, in place; one collective per dtype, not per tensor."""
+    """Sum every tensor across processes, in place, in one collective (summed in float64: exact for counts)."""
     if not active() or not tensors:
         return
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.view_as(t))
 
 
 def reduce_train_meter(meter: TrainMeter) -> TrainMeter:

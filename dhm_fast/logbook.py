@@ -1,10 +1,5 @@
-"""What a run writes for people to read: log.jsonl, optional TensorBoard event files, curves.png.
-
-log.jsonl holds two kinds of records in time order: "interval" (training numbers over the last
---log-every-steps steps) and "epoch" (the epoch's training means and its validation). The records live
-in the checkpoint too; after a resume the file is rewritten from there, so a run killed between two
-writes never loses or repeats a record.
-"""
+"""What a run writes for people to read: log.jsonl, optional TensorBoard event files, curves.png
+(docs/configuration.md, "What a run writes", describes the records)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Training curves per head as a PNG: the thing a person looks at instead of reading the log.
-
-Drawn from the per-interval training records (so a 2-epoch run shows as many points as a 90-epoch one)
-and the per-epoch validation records. Uses matplotlib's object API: no global backend is switched.
+"""Training curves per head from a run's log records (docs/configuration.md, "curves.png"). Uses
+matplotlib's object API: no global backend is switched.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Schedules as pure functions of training progress, so resuming at a step restores them exactly.
-
-- Learning rate: multistep (the papers' recipes), cosine, or constant, with optional linear warm-up.
-- Mimicking weight alpha (and temperature): constant (the release's behaviour) or a linear / cosine
-  ramp from 0 over the first part of training, which keeps DHM from collapsing all heads onto a poor
-  common answer on short schedules.
+"""Schedules as pure functions of training progress, so resuming at a step restores them exactly: the
+learning rate (multistep, cosine or constant, with optional linear warm-up) and the ramps of alpha and
+the temperature (docs/short_schedules.md says why a ramp helps short schedules).
 """
 
 from __future__ import annotations
