@@ -2,10 +2,9 @@
 
     python -m benchmarks.accuracy [--quick] [--jobs 2] [--variants main|investigate|NAME,...] [--seeds N|a,b]
 
-Every run is `python train.py ...` (recipe `fashion-mnist-resnet20-short`) in a subprocess writing into
-<runs>/<name>/<variant>/seed<k>; a finished run of the same command is reused and an interrupted one
-resumes. <results>/accuracy-<name>.json, .md and .png are rewritten after every run. The protocol and
-the figures: docs/short_schedules.md.
+Every run is `python train.py ...` in a subprocess writing into <runs>/<name>/<variant>/seed<k> (reused
+when finished, resumed when interrupted); <results>/accuracy-<name>.json, .md and .png are rewritten after
+every run. The protocol and the figures: docs/short_schedules.md.
 """
 
 from __future__ import annotations

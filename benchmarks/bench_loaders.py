@@ -2,10 +2,9 @@
 
     python -m benchmarks.bench_loaders [--quick]    # about 4 minutes on 2 cores; --quick: about 1
 
-Generated ImageNet-like JPEGs with random-resized crop 224 + flip + normalise (torchvision, DALI in CPU
-mode, FFCV three ways) and 32x32 images in memory with pad-crop + flip + normalise (the in-memory loader
-against torchvision's per-sample pipeline). Every loader gets the same workers/threads and one untimed
-warm-up epoch; then whole epochs are timed. JSON and PNG go to --out-dir; the figures: docs/benchmarks.md.
+Generated ImageNet-like JPEGs (torchvision, DALI in CPU mode, FFCV three ways) and 32x32 images in memory
+(the in-memory loader against torchvision's per-sample pipeline), each with the same workers, one untimed
+warm-up epoch, then whole epochs timed. JSON and PNG go to --out-dir; the setup and figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations

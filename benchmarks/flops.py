@@ -1,10 +1,6 @@
-"""FLOPs (torch.utils.flop_counter) and saved activations of a training step, per active-branch pattern.
-
-FlopCounterMode counts matrix products and convolutions (forward and backward), i.e. the
-arithmetic that dominates a CNN; element-wise work (BN, ReLU, pooling, the optimizer) is not
-counted. One multiply-add is 2 FLOPs. Counts are linear in the batch, so a batch of 2 is enough
-and a model built on the "meta" device costs no memory and almost no time.
-"""
+"""FLOPs (torch.utils.flop_counter: convolutions and matrix products, a multiply-add is 2) and saved
+activations of a training step, per active-branch pattern. Counts are linear in the batch, so a batch of 2
+is enough, and a model on the "meta" device costs no memory."""
 
 from __future__ import annotations
 

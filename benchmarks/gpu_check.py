@@ -2,9 +2,8 @@
 
     python -m benchmarks.gpu_check --out DIR [--parts setup,cuda_tests] [--list]
 
-The parts (PARTS) run in order, each in a forked child in its own process group under its own time limit,
-so one that fails or hangs is reported and the others still run; the parent imports neither torch nor the
-project, so the parts after `setup` load the library it has just built. Report: docs/benchmarks.md.
+The parts (PARTS) run in order, each forked into its own process group under its own time limit; the parent
+imports neither torch nor the project, so the parts after `setup` load the library it has just built.
 """
 
 from __future__ import annotations

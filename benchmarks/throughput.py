@@ -2,10 +2,9 @@
 
     python -m benchmarks.throughput --arch resnet32 --image-size 32 [--precision bf16 --channels-last --profile]
 
-Each variant ("dhm-p0.5": DHM with branch probability 0.5) runs the trainer's own loop and step
-(`dhm_fast.engine`), built the trainer's way, in short timed blocks interleaved with the other variants and
-rotated every repeat. Outputs in --out (written by `benchmarks.throughput_report`); how it measures and
-what each figure means: docs/benchmarks.md.
+Each variant ("dhm-p0.5": DHM with branch probability 0.5) runs the trainer's own loop and step in short
+timed blocks, interleaved with the other variants. How it measures and what each output means:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
