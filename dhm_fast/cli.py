@@ -107,6 +107,11 @@ def _run(cfg) -> int:
     from dhm_fast.distributed import world_from_env
     from dhm_fast.run import Run, evaluate_weights
 
+    if cfg.list_fork_points:
+        from dhm_fast.models.backbones import fork_point_lines
+
+        print("\n".join(fork_point_lines(cfg.list_fork_points)))
+        return 0
     if cfg.eval_only:
         result = evaluate_weights(cfg)
         if world_from_env().is_main:

@@ -23,7 +23,7 @@ from dhm_fast import checkpoint
 from dhm_fast.errors import UserError
 from dhm_fast.models import unwrap
 
-__all__ = ["InitReport", "load_init_weights", "read_weights"]
+__all__ = ["InitReport", "load_init_weights", "model_names", "read_weights"]
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,19 @@ def _classifier_keys(model: nn.Module, own: Mapping[str, Tensor]) -> set[str]:
     return {k for k in own if names and k.startswith(names[-1] + ".")}
 
 
-def load_init_weights(model: nn.Module, source: str | Path | Mapping[str, Tensor]) -> InitReport:
-    """Copy the matching tensors of ``source`` (a path or a state dict) into ``model``; see the module doc."""
-    state = read_weights(source) if isinstance(source, str | Path) else source
+def model_names(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` named as ``model`` names it: no ``module.`` prefix, stock names under a backbone's prefix."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    model = unwrap(model)
-    prefix = getattr(model, "stock_prefix", "")
+    prefix = getattr(unwrap(model), "stock_prefix", "")
     if prefix and not any(k.startswith(prefix) for k in state):
         state = {prefix + k: v for k, v in state.items()}
+    return state
+
+
+def load_init_weights(model: nn.Module, source: str | Path | Mapping[str, Tensor]) -> InitReport:
+    """Copy the matching tensors of ``source`` (a path or a state dict) into ``model``; see the module doc."""
+    model = unwrap(model)
+    state = model_names(model, read_weights(source) if isinstance(source, str | Path) else source)
     own = model.state_dict()
     classifier = _classifier_keys(model, own)
     loaded, unused = {}, []

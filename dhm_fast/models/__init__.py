@@ -5,7 +5,8 @@ has ``num_heads`` (1 or 3), ``head_names`` (``("main",)`` or ``("main", "aux1", 
 ``forward(x, active=None, all_heads=False)``; see :class:`~dhm_fast.models.branching.BranchedNet`.
 Branch parameters live under ``aux1.`` and ``aux2.``; everything else is the trunk.
 
-Options: ``dropout`` (WRN and DenseNet only, default 0.0).
+Options: ``dropout`` (WRN and DenseNet only, default 0.0); ``fork_at`` (two fork points, ``tv:``/``timm:``
+backbones only, see :mod:`~dhm_fast.models.backbones`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from collections.abc import Callable
 
 from torch import nn
 
-from . import cifar_resnet, densenet, imagenet_resnet, reid_nets, wrn
+from . import backbones, cifar_resnet, densenet, imagenet_resnet, reid_nets, wrn
 from .branching import HEAD_NAMES, METHODS, Branch, BranchedNet, check_method, is_branch_key
 
 __all__ = [
+    "ARCH_CHOICES",
     "HEAD_NAMES",
     "IMAGENET_ARCHS",
     "METHODS",
@@ -41,6 +43,16 @@ IMAGENET_ARCHS: tuple[str, ...] = tuple(sorted(imagenet_resnet.SPECS))
 _BUILD_ARGS = ("arch", "num_classes", "in_channels", "with_branches")
 
 
+class _ArchNames(tuple):
+    """The paper's names, and also (for ``in``) every ``tv:NAME`` / ``timm:NAME`` (checked when built)."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and backbones.is_backbone(name))
+
+
+ARCH_CHOICES: tuple[str, ...] = _ArchNames(MODEL_NAMES)
+
+
 def create_model(
     name: str, num_classes: int, method: str = "dhm", in_channels: int = 3, **options: object
 ) -> BranchedNet:
@@ -49,14 +61,14 @@ def create_model(
     To count parameters of a huge model without allocating it, build it under
     ``with torch.device("meta"):``.
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown arch '{name}'; choose one of {', '.join(MODEL_NAMES)}")
+    if name not in ARCH_CHOICES:
+        raise ValueError(f"unknown arch '{name}'; choose one of {', '.join(MODEL_NAMES)}, tv:NAME or timm:NAME")
     with_branches = check_method(method)
     if int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
     if int(in_channels) != in_channels or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels}")
-    builder = _BUILDERS[name]
+    builder = backbones.build if backbones.is_backbone(name) else _BUILDERS[name]
     accepted = [p for p in inspect.signature(builder).parameters if p not in _BUILD_ARGS]
     for key in options:
         if key not in accepted:
