@@ -1,9 +1,8 @@
 """CIFAR ResNets (6n+2 layers: resnet20/32/110/1202) with DHM branches and option-A shortcuts.
 
 Trunk: ``conv1`` (16 channels), ``bn1``, ``layer1`` (16), ``layer2`` (32, stride 2), ``layer3`` (64,
-stride 2), ``fc``; post-activation basic blocks (``conv1, bn1, conv2, bn2``). Shortcuts that change
-shape are parameter-free ("option A"): 2x2 average pooling for the stride, then zero channels
-appended, which also covers the deep branch's jump from 32 to 128 channels.
+stride 2) of the blocks below, ``fc``. The parameter-free option-A shortcut also covers the deep
+branch's jump from 32 to 128 channels.
 
 Branches (``branch_layers = [[a, b], [c]]``):
 

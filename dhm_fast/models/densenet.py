@@ -1,10 +1,7 @@
 """CIFAR DenseNets (40-12, 100-12, BC-100-12) with DHM branches.
 
-Trunk: ``conv1`` (16 channels, or 2x growth for BC), dense stages ``layer1..layer3`` joined by
-``transition1``/``transition2`` (BN-ReLU-1x1 conv with compression, 2x2 average pool), final ``bn``
-+ ReLU, ``fc``. A basic dense layer is ``bn, conv`` (3x3, growth channels); a bottleneck (BC) layer
-is ``bn1, conv1`` (1x1 to 4x growth) ``, bn2, conv2`` (3x3 to growth). Each layer's output is
-concatenated to its input.
+Trunk: ``conv1`` (16 channels, or 2x growth for BC), dense stages ``layer1..layer3`` (of the layers
+below: basic, or bottleneck for BC) joined by ``transition1``/``transition2``, final ``bn`` + ReLU, ``fc``.
 
 Branches (``branch_layers = [[a, b], [c]]``):
 

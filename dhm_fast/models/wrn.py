@@ -1,8 +1,7 @@
 """Wide ResNets (WRN-16-8, WRN-28-10) with DHM branches; pre-activation wide basic blocks.
 
 Trunk: ``conv`` (16 channels), ``layer1`` (16k), ``layer2`` (32k, stride 2), ``layer3`` (64k,
-stride 2), final ``bn`` + ReLU, ``fc``. A block is ``bn1, conv1, bn2, [dropout], conv2`` with a 1x1
-``shortcut`` conv (applied to the pre-activated input) where the shape changes.
+stride 2) of the blocks below, final ``bn`` + ReLU, ``fc``.
 
 Branches (``branch_layers = [[a, b], [c]]``, k = widening factor):
 
