@@ -76,7 +76,7 @@ class MemoryLoader:
         self.skipped: list[tuple[str, str]] = []  # an array dataset has no files to skip
         self.height = split.images.shape[2]
         self.width = split.images.shape[3]
-        self.resolution = self.height  # train output side; set_resolution resizes the crops to another
+        self._side: int | None = None  # set_resolution's side; None: native crops
         # The same coefficients as every other backend's normalisation (and the native op's table).
         self.scale, self.shift, self.table = Normalizer(mean, std).coefficients(self.device)
         self.native = native_crop_normalize() if self.device.type == "cpu" else None
@@ -93,8 +93,12 @@ class MemoryLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
+    @property
+    def resolution(self) -> int:
+        return self._side or self.height
+
     def set_resolution(self, size: int) -> None:
-        self.resolution = size
+        self._side = size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Draw epoch `epoch`'s order and augmentation; iteration starts at batch `start_batch`."""
@@ -136,13 +140,13 @@ class MemoryLoader:
         for b in range(start, len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             images = self._crop_normalise(source[sl], origin[sl])
-            if (self.resolution, self.resolution) != tuple(images.shape[2:]):
+            if self._side and (self._side, self._side) != tuple(images.shape[2:]):
                 images = self._resize(images)
             yield images, self.labels[order[sl]]
 
     def _resize(self, images: Tensor) -> Tensor:
         """Square crops of another side (progressive resizing), bilinear, antialiased when shrinking."""
-        side = (self.resolution, self.resolution)
+        side = (self._side, self._side)
         x = torch.nn.functional.interpolate(images, size=side, mode="bilinear", antialias=True, align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
