@@ -131,16 +131,11 @@ def probe(ctx: Context) -> dict[str, Any]:  # noqa: ARG001 - the part signature
                 "environment": environment("cpu")}
     from torch.utils.cpp_extension import is_ninja_available
 
-    from dhm_fast.telemetry import for_device
-
     props = torch.cuda.get_device_properties(0)
-    nvml = for_device(torch.device("cuda", 0))
-    nvml.start()
-    nvml.stop()
     return {"status": "passed", "cuda": True, "capability": [props.major, props.minor],
             "summary": f"{props.name}, compute capability {props.major}.{props.minor}, "
                        f"{props.total_memory / 2**30:.0f} GiB, torch {torch.__version__} (CUDA {torch.version.cuda})",
-            "gpus": torch.cuda.device_count(), "nvml": nvml.reason, "environment": environment("cuda"),
+            "gpus": torch.cuda.device_count(), "environment": environment("cuda"),
             "ninja": is_ninja_available(), "nvcc_on_path": shutil.which("nvcc")}  # without ninja the build is serial
 
 
@@ -275,11 +270,10 @@ def train_resume_part(ctx: Context) -> dict[str, Any]:
     out = ctx.out / "train_resume"
     shutil.rmtree(out, ignore_errors=True)
     result = kill_and_resume([PY, "train.py", *train_args(out)], out, ctx.out / "train_resume.log")
-    log_file = out / "log.jsonl"
-    records = [json.loads(ln) for ln in log_file.read_text().splitlines() if ln.strip()] if log_file.exists() else []
-    has_gpus = any("gpus" in r for r in records)
-    result["gpu_telemetry_logged"] = has_gpus
-    result["summary"] += "; GPU telemetry in log.jsonl" if has_gpus else "; no GPU telemetry in log.jsonl"
+    from dhm_fast.logbook import read_log
+
+    result["gpu_telemetry_logged"] = any("gpus" in r for r in read_log(out, kind=None))  # NVML reached the log
+    result["summary"] += "; GPU telemetry in log.jsonl" if result["gpu_telemetry_logged"] else "; no GPU telemetry"
     return result
 
 
