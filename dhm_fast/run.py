@@ -33,6 +33,7 @@ from dhm_fast.metrics import TrainMeter
 from dhm_fast.models import create_model
 from dhm_fast.models.backbones import branch_summary
 from dhm_fast.optim import build_optimizer
+from dhm_fast.provenance import provenance
 from dhm_fast.sampling import BranchSampler
 from pipelines import LoaderConfig, create_loaders
 
@@ -157,6 +158,7 @@ class Run:
         self.interval_base: dict | None = None  # the reduced meter at the last training record
         self.telemetry = telemetry.for_device(self.device, interval_s=1.0)  # NVML; inert without a GPU
         self.telemetry.start()
+        self.provenance = provenance()  # version, git commit and command line, for the model card (export)
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class Run:
             "config": self.cfg.to_dict(),
             "num_classes": self.num_classes,
             "world_size": self.world.world_size,
+            "provenance": self.provenance,
         }
         if rng_ranks is not None and len(rng_ranks) > 1:
             state["rng_ranks"] = rng_ranks  # every process's own stream (dropout), for an exact resume
@@ -350,7 +353,8 @@ class Run:
             p.best_top1, p.best_epoch = score, p.epoch
             if self.world.is_main:
                 checkpoint.save_atomic({"model": self.model.state_dict(), "config": cfg.to_dict(),
-                                        "num_classes": self.num_classes, "epoch": p.epoch, self.headline: score},
+                                        "num_classes": self.num_classes, "epoch": p.epoch, self.headline: score,
+                                        "provenance": self.provenance},
                                        self.out / checkpoint.BEST)
         p.history.append(record)
         p.epoch += 1
