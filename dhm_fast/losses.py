@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -286,21 +287,13 @@ def dhm_loss(
     logits: Sequence[Tensor | None],
     target: Tensor,
     *,
-    method: str = "dhm",
-    temperature: float = 1.0,
-    alpha: float = 1.0,
-    direction: str = "both",
-    eps: float = 1e-8,
-    label_smoothing: float = 0.0,
     active: Sequence[bool] | None = None,
-    ce_weights: Sequence[float] | None = None,
-    kl_weights: Sequence[Sequence[float]] | None = None,
-    reference: bool = False,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
     return_stats: bool = False,
+    **settings: Any,
 ) -> Tensor | tuple[Tensor, LossStats]:
-    """`LossConfig(...).compute(...)` in one call, for scripts and tests; with `return_stats`, also the
-    `LossStats` over all H heads."""
-    config = LossConfig(method=method, direction=direction, eps=eps, label_smoothing=label_smoothing,
-                        ce_weights=ce_weights, kl_weights=kl_weights, reference=reference)
-    loss, stats = config.compute(logits, target, active=active, alpha=alpha, temperature=temperature)
+    """`LossConfig(**settings).compute(...)` in one call, for scripts and tests: `settings` are the
+    `LossConfig` fields (method, direction, eps, ...). With `return_stats`, also the `LossStats`."""
+    loss, stats = LossConfig(**settings).compute(logits, target, active=active, alpha=alpha, temperature=temperature)
     return (loss, stats) if return_stats else loss
