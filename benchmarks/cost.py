@@ -5,15 +5,18 @@
     python -m benchmarks.cost --from-json bench_out/throughput/throughput.json --method dhm \\
         --recipe cifar100-resnet32
     python -m benchmarks.cost --recipe imagenet-resnet152 --method dhm --gpu-table
+    python -m benchmarks.cost --budget-table
 
 Aggregate images/s = per-device images/s x devices x scaling efficiency; wall-clock = epochs x
 training-set size / aggregate; device-hours = wall-clock x devices (evaluation, start-up and
 checkpoints not included). --gpu-table scales published ResNet-50 figures by training FLOPs: an
-estimate, not a measurement (docs/benchmarks.md).
+estimate, not a measurement (docs/benchmarks.md). --budget-table does the same for the ImageNet budget
+recipes, epoch by epoch at each epoch's resolution, next to the paper's recipes (docs/imagenet.md).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -55,6 +58,12 @@ GPU_FIGURES: tuple[GpuFigure, ...] = (
               "images/s for H100 was found in that source", False),
 )
 REFERENCE_ARCH, REFERENCE_SIZE = "resnet50", 224  # what the published figures measured
+BUDGET_GPU = ("A100 80GB", "AMP")  # the published 8-GPU figure the budget table scales
+PAPER_RECIPES = ("imagenet-resnet50", "imagenet-resnet152")
+# Published: ffcv-imagenet's README, configuration table (ResNet-50 on 8 x A100): epochs -> (top-1, minutes).
+# Its recipe is close to our budget recipes, not equal (it adds blur-pool, test-time flips, a linear lr decay).
+FFCV_RESNET50 = {16: (73.8, 14.9), 24: (75.6, 21.7), 32: (76.6, 28.7), 40: (77.2, 35.6), 56: (78.0, 49.4),
+                 88: (78.4, 77.2)}
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,69 @@ def gpu_table(run: dict[str, Any], method: str, branch_prob: float = 1.0,
     return rows
 
 
+def epoch_sides(recipe: str) -> tuple[Any, list[int]]:
+    """A recipe's validated config and its training side in each epoch (dhm_fast/resolution.py)."""
+    from dhm_fast.config import build_config
+    from dhm_fast.resolution import schedule_for
+
+    cfg = build_config(recipe, {})
+    schedule = schedule_for(cfg, cfg.image_size)
+    return cfg, schedule.sides(cfg.epochs) if schedule else [cfg.image_size] * cfg.epochs
+
+
+@functools.cache
+def _imagenet_step_flops(arch: str, method: str, side: int) -> float:
+    from benchmarks.flops import model_step_flops
+
+    return model_step_flops(arch, method, side, 1000)
+
+
+def budget_table(recipes: list[str] | None = None, methods: tuple[str, ...] = ("baseline", "dhm"),
+                 step_flops=None) -> list[dict[str, Any]]:
+    """Each recipe with each method on 8 GPUs of BUDGET_GPU: its training FLOPs, summed epoch by epoch at
+    that epoch's side, over a ResNet-50 @ 224 step's, divided by the published 8-GPU images/s."""
+    from dhm_fast.config import recipe_names
+
+    gpu = next(g for g in GPU_FIGURES if (g.gpu, g.precision) == BUDGET_GPU)
+    step_flops = step_flops or _imagenet_step_flops  # (arch, method, side) -> training FLOPs per image
+    reference = step_flops(REFERENCE_ARCH, "baseline", REFERENCE_SIZE)
+    def budgets(paper: str) -> list[str]:
+        found = [n for n in recipe_names() if n.startswith(paper + "-budget")]
+        return sorted(found, key=lambda n: int(n.rsplit("budget", 1)[1]))
+
+    rows = []
+    for recipe in recipes or [r for paper in PAPER_RECIPES for r in (paper, *budgets(paper))]:
+        cfg, sides = epoch_sides(recipe)
+        for method in methods:
+            work = sum(step_flops(cfg.arch, method, side) for side in sides) * DATASET_SIZES["imagenet"] / reference
+            hours = work / gpu.img_per_s_8 / 3600
+            ours_like_ffcv = "-budget" in recipe and cfg.arch == "resnet50" and method == "baseline"
+            published = FFCV_RESNET50.get(cfg.epochs) if ours_like_ffcv else None
+            rows.append({"recipe": recipe, "arch": cfg.arch, "method": method, "epochs": cfg.epochs,
+                         "train_sides": sorted(set(sides)), "test_side": cfg.val_size or cfg.image_size,
+                         "resnet50_224_images": work, "wall_hours": hours, "gpu_hours": 8 * hours,
+                         "ffcv_published": {"top1": published[0], "minutes": published[1]} if published else None})
+    return rows
+
+
+def format_budget_table(rows: list[dict[str, Any]]) -> str:
+    gpu = next(g for g in GPU_FIGURES if (g.gpu, g.precision) == BUDGET_GPU)
+    lines = [f"FLOP-BASED ESTIMATES, not measurements: 8 x {gpu.gpu} {gpu.precision}, training FLOPs over ResNet-50 "
+             f"@ 224's at the published {gpu.img_per_s_8:,.0f} img/s (evaluation and data loading not included); "
+             "the accuracy of our budget recipes is unmeasured",
+             f"{'recipe':<28}{'method':<10}{'epochs':>7}{'train px':>10}{'test px':>8}{'est. wall':>11}"
+             f"{'est. GPU-h':>11}  published reference (ffcv-imagenet, ResNet-50, 8 x A100)"]
+    for r in rows:
+        sides = "-".join(str(s) for s in (r["train_sides"][0], r["train_sides"][-1])) if len(
+            r["train_sides"]) > 1 else str(r["train_sides"][0])
+        ref = r["ffcv_published"]
+        lines.append(f"{r['recipe']:<28}{r['method']:<10}{r['epochs']:>7}{sides:>10}{r['test_side']:>8}"
+                     f"{r['wall_hours']:>9.2f} h{r['gpu_hours']:>11.1f}"
+                     + (f"  {ref['top1']:.1f}% top-1 in {ref['minutes']:.1f} min" if ref else ""))
+    lines.append(f"Sources: {_NVIDIA_DLE}; ffcv-imagenet README, configuration table.")
+    return "\n".join(lines)
+
+
 def from_throughput_json(path: str, variant: str) -> tuple[float, dict[str, Any]]:
     """Images/s (median over repeats) of `variant` in a benchmarks.throughput JSON, and its config."""
     p = Path(path)
@@ -201,6 +273,7 @@ class CostConfig:
     dataset_size: int | None = option(None, "override the training-set size")
     price: float | None = option(None, "price per device-hour (any currency)")
     gpu_table: bool = option(False, "estimates for well-known GPUs (from published figures)")
+    budget_table: bool = option(False, "FLOP-based cost of the ImageNet budget recipes next to the paper's")
     json: str | None = option(None, "also write the result here")
 
 
@@ -213,6 +286,12 @@ def report(args: CostConfig) -> dict[str, Any]:
     """Print the estimate (and the GPU table) for `args`; returns the JSON-ready result."""
     if args.img_per_s is not None and args.from_json:
         raise ValueError("give --img-per-s or --from-json, not both")
+    if args.budget_table:
+        rows = budget_table()
+        print(format_budget_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"budget_table": rows}, indent=2))
+        return {"budget_table": rows}
     run = recipe_run(args.recipe)
     run["epochs"] = run["epochs"] if args.epochs is None else args.epochs
     run["dataset_size"] = run["dataset_size"] if args.dataset_size is None else args.dataset_size
