@@ -10,7 +10,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import typing
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from dhm_fast.errors import UserError
+from dhm_fast.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -83,18 +83,6 @@ def cpu_model() -> str:
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-
-
-def git_commit() -> str | None:
-    """HEAD of the repository, with "-dirty" when tracked files differ from it; None outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def command_line(module: str, argv: Sequence[str] | None = None) -> str:

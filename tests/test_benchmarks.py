@@ -96,7 +96,7 @@ def test_quick_run_writes_json_with_every_field(quick_result):
     env = data["environment"]
     assert env["torch"] == torch.__version__ and env["torch_threads"] == 1  # --threads 1 was applied
     assert env["command"] == "python -m benchmarks.throughput " + " ".join(quick_args(out))
-    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", env["git_commit"])
+    assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["git_commit"])
     assert data["telemetry"]["available"] is False and "not available" in data["telemetry"]["reason"]
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
