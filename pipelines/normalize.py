@@ -21,14 +21,6 @@ def native_crop_normalize():
     return kernels.op("crop_normalize") if kernels.has_kernel("crop_normalize", "cpu") else None
 
 
-def pixel_table(scale: Tensor, shift: Tensor) -> Tensor:
-    """[C, 256] float32: level v of channel c -> v * scale[c] + shift[c], rounded exactly as
-    torch's uint8 * scale + shift rounds it (the same float32 ops), so the native op's output is
-    bitwise-equal to the torch formulation's."""
-    levels = torch.arange(256, dtype=torch.float32, device=scale.device).view(1, 256)
-    return levels.mul(scale.reshape(-1, 1)).add_(shift.reshape(-1, 1))
-
-
 class Normalizer:
     """x -> (x / 255 - mean) / std as one multiply-add, cached per device."""
 
@@ -47,7 +39,10 @@ class Normalizer:
             std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             scale, shift = 1.0 / (255.0 * std), -mean / std
-            self._cache[device] = (scale, shift, pixel_table(scale, shift))
+            # Table[c, v] = v * scale[c] + shift[c]: the same float32 ops as torch's uint8 * scale + shift,
+            # so the native op's output is bitwise-equal to the torch formulation's.
+            levels = torch.arange(256, dtype=torch.float32, device=device).view(1, 256)
+            self._cache[device] = (scale, shift, levels.mul(scale.reshape(-1, 1)).add_(shift.reshape(-1, 1)))
         return self._cache[device]
 
     def __call__(self, images: Tensor) -> Tensor:
