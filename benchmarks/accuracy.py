@@ -1,6 +1,6 @@
 """Accuracy on a short schedule: baseline, DSL, DHM as released, and DHM with an alpha warm-up.
 
-    python -m benchmarks.accuracy [--quick] [--jobs 2] [--variants main|investigate|NAME,...] [--seeds N|a,b]
+    python -m benchmarks.accuracy [--quick] [--jobs 2] [--variants baseline,dsl,dhm,dhm-warmup] [--seeds N|a,b]
 
 Every run is `python train.py ...` in a subprocess writing into <runs>/<name>/<variant>/seed<k> (reused
 when finished, resumed when interrupted); <results>/accuracy-<name>.json, .md and .png are rewritten after
