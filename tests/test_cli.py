@@ -76,6 +76,17 @@ def refusal(args: list[str], capsys) -> str:
     (["--dist-timeout", "0"], r"--dist-timeout must be greater than 0"),
     (["--train-beton", "a.beton"], r"give both --train-beton and --val-beton"),
     (["--data", "imagenet", "--image-size", "256", "--val-resize", "224"], r"--val-resize 224 is smaller"),
+    (["--data", "imagenet", "--image-size", "192", "--val-size", "288"], r"--val-resize 256 is smaller than the "
+                                                                         r"--val-size 288 crop"),
+    (["--val-size", "8"], r"--val-size must be at least 16, got 8"),
+    (["--res-start", "4"], r"--res-start must be at least 8, got 4"),
+    (["--res-step", "0"], r"--res-step must be at least 1, got 0"),
+    (["--res-ramp-start", "-1"], r"--res-ramp-start must be at least 0, got -1"),
+    (["--res-start", "16", "--res-ramp-start", "3", "--res-ramp-end", "2"], r"--res-ramp-end 2 is before "
+                                                                             r"--res-ramp-start 3"),
+    (["--data", "imagenet", "--res-start", "256", "--image-size", "192"], r"--res-start 256 is above --image-size "
+                                                                          r"192, where the ramp ends"),
+    (["--loader", "synthetic", "--res-start", "16"], r"--loader synthetic has no progressive resizing"),
     (["--no-no-decay-norm-bias"], r"unrecognized arguments: --no-no-decay-norm-bias"),
     (["--lr-schedule", "poly"], r"argument --lr-schedule: invalid choice: 'poly'"),
 ])
@@ -167,6 +178,8 @@ def test_flags_a_configuration_ignores_are_named_in_one_warning_line_each():
         "warning: --dropout has no effect: resnet20 has no dropout layers (only the wide ResNets do)",
         "warning: --image-size has no effect: fashion-mnist is held in memory at its own resolution",
     ]
+    assert warnings_for(build_config(None, {"res_step": 16}), {"res_step"}) == [
+        "warning: --res-step has no effect: no --res-start: the training resolution is constant"]
     # a setting that the configuration uses gets no warning, and neither does one left at its default
     assert warnings_for(build_config(None, {"arch": "wrn_16_8", "dropout": 0.3}), {"dropout"}) == []
 
