@@ -33,6 +33,7 @@ from dhm_fast.engine import NonFiniteLoss, Progress, StepParts, step_parts, trai
 from dhm_fast.errors import UserError
 from dhm_fast.metrics import TrainMeter
 from dhm_fast.models import IMAGENET_ARCHS
+from dhm_fast.models.backbones import is_backbone
 from dhm_fast.optim import OPTIMIZER_IMPLS, build_optimizer
 from dhm_fast.run import build_model
 from dhm_fast.sampling import BranchSampler
@@ -71,7 +72,7 @@ class BenchConfig:
     arch: str = option("resnet32", "network (any name dhm_fast.models.create_model builds)")
     image_size: int = option(32, ge=1)
     batch_size: int | None = option(None, "per device (default 128 on CUDA, 32 on CPU)", ge=1)
-    num_classes: int | None = option(None, "default 1000 (ImageNet archs) or 100", ge=1)
+    num_classes: int | None = option(None, "default 1000 (ImageNet archs, tv:/timm: backbones) or 100", ge=1)
     in_channels: int = option(3, ge=1)
     methods: str = option("baseline,dsl,dks,dhm,dhm-p0.5", "variants: baseline, dsl, dks, dhm, dhm-pP (DHM with "
                           "branch probability P); the baseline is always added")
@@ -99,7 +100,7 @@ class BenchConfig:
     def resolve(self, device: torch.device) -> None:
         """The defaults that depend on --quick, the device and the network; then every value checked."""
         defaults = {**(QUICK if self.quick else FULL), "batch_size": 128 if device.type == "cuda" else 32,
-                    "num_classes": 1000 if self.arch in IMAGENET_ARCHS else 100}
+                    "num_classes": 1000 if self.arch in IMAGENET_ARCHS or is_backbone(self.arch) else 100}
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)

@@ -147,6 +147,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert err.startswith("error:") and message in err
 
 
+def test_a_torchvision_backbone_gets_its_flop_ratio(tmp_path):
+    argv = ["--arch", "tv:resnet18", "--image-size", "16", "--batch-size", "2", "--threads", "1", "--quick",
+            "--methods", "dhm", "--out", str(tmp_path)]
+    assert throughput.main(argv) == 0
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["config"]["num_classes"] == 1000  # an ImageNet classifier's default
+    base, dhm = data["methods"]
+    assert dhm["flops_per_image"] > base["flops_per_image"] > 0  # the branches add work
+    assert dhm["flop_ratio"] == pytest.approx(dhm["flops_per_image"] / base["flops_per_image"])
+
+
 def test_parse_variants():
     got = throughput.parse_variants("dhm, dhm-p0.25 ,dsl")
     assert [(v.name, v.method, v.branch_prob) for v in got] == [
