@@ -102,6 +102,9 @@ class TrainConfig:
     res_ramp_start: float = setting(0.0, "epoch where the resolution ramp starts", 1, ge=0)
     res_ramp_end: float = setting(0.0, "epoch where the resolution ramp reaches its end", 1, ge=0)
     res_step: int = setting(32, "ramp sides are multiples of this many pixels", 1, ge=1)
+    res_batch_scale: bool = setting(False, "smaller micro-batches at larger sides, accumulated to the same step "
+                                    "(activation memory at most that of --grad-accum at --res-start; batch, lr "
+                                    "and steps unchanged)", 1)
     no_scale_aug_methods: list[str] = setting([], "methods that train without scale augmentation (the paper: "
                                               "DHM on the shallow ResNets)", 1, choices=METHODS, cli=False)
     # optimisation
@@ -342,7 +345,7 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
     if cfg.eval_only:
         ignored["init_weights"] = "--eval-only evaluates --weights"
     if cfg.res_start is None:
-        for name in ("res_ramp_start", "res_ramp_end", "res_step"):
+        for name in ("res_ramp_start", "res_ramp_end", "res_step", "res_batch_scale"):
             ignored[name] = "no --res-start: the training resolution is constant"
     if cfg.dataset in REID_DATASETS:
         for name in ("val_resize", "data_validation", "train_beton", "val_beton", "train_subset"):

@@ -5,6 +5,10 @@ The side is --res-start up to epoch --res-ramp-start, then ramps linearly to the
 a small dataset's native side) at epoch --res-ramp-end, rounded to a multiple of --res-step (fast
 ImageNet recipes: 160 -> 192 px in steps of 32). It changes only between epochs: the loaders take a new
 side at an epoch's start, and a compiled model meets a handful of shapes (see `compile_shapes`).
+
+With --res-batch-scale the micro-batch shrinks as the side grows, so activation memory stays at most what
+--grad-accum micro-batches used at --res-start: more micro-batches are accumulated per step instead. The
+global batch, the learning rate and the steps per epoch do not change.
 """
 
 from __future__ import annotations
@@ -53,6 +57,24 @@ def apply(loader, schedule: ResolutionSchedule | None, epoch: int) -> int | None
     side = schedule.at(epoch)
     loader.set_resolution(side)
     return side
+
+
+def accumulation(per_process: int, grad_accum: int, side: int, start: int) -> int:
+    """Micro-batches per step at `side`: the smallest divisor of the per-process batch that is at least
+    grad_accum x (side / start)^2, so that micro-batch x side^2 does not exceed its value at `start`
+    (micro-batches of one sample, when even those exceed it)."""
+    need = grad_accum * (side / start) ** 2
+    divisors = (d for d in range(grad_accum, per_process + 1) if per_process % d == 0 and d >= need - 1e-9)
+    return next(divisors, per_process)
+
+
+def apply_batch(loader, cfg: TrainConfig, side: int | None, per_process: int) -> int:
+    """Set the loader's micro-batch for an epoch at `side`; returns the micro-batches per step."""
+    if not cfg.res_batch_scale or side is None:
+        return cfg.grad_accum
+    accum = accumulation(per_process, cfg.grad_accum, side, cfg.res_start)
+    loader.set_batch_size(per_process // accum)
+    return accum
 
 
 def compile_shapes(schedule: ResolutionSchedule | None, epochs: int) -> int:

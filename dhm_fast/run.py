@@ -241,10 +241,10 @@ class Run:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def batch_info(self) -> dict:
-        w = self.world.world_size
+    def batch_info(self, grad_accum: int | None = None) -> dict:
+        w, accum = self.world.world_size, grad_accum or self.cfg.grad_accum  # an epoch's, with --res-batch-scale
         return {"global": self.cfg.batch_size, "per_process": self.cfg.batch_size // w,
-                "micro": self.micro_batch, "grad_accum": self.cfg.grad_accum, "processes": w}
+                "micro": self.cfg.batch_size // w // accum, "grad_accum": accum, "processes": w}
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -307,12 +307,13 @@ class Run:
     def train_epoch(self) -> bool:
         cfg, p = self.cfg, self.progress
         start_step = p.step - p.epoch * self.steps_per_epoch
-        start_batch = start_step * cfg.grad_accum  # the loader counts micro-batches
         if self.freeze_epochs:  # re-ID warm-up: only the new layers learn (dhm_fast/models/reid_nets.py)
             self.model.freeze_trunk(p.epoch < self.freeze_epochs)
         side = resolution.apply(self.train_loader, self.resolution, p.epoch)
+        accum = resolution.apply_batch(self.train_loader, cfg, side, cfg.batch_size // self.world.world_size)
+        start_batch = start_step * accum  # the loader counts micro-batches
         self.train_loader.set_epoch(p.epoch, start_batch)
-        bar = tqdm(self.train_loader, total=self.steps_per_epoch * cfg.grad_accum, initial=start_batch,
+        bar = tqdm(self.train_loader, total=self.steps_per_epoch * accum, initial=start_batch,
                    file=sys.stdout, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", mininterval=2.0, leave=False,
                    dynamic_ncols=True, disable=not self.world.is_main)
         t0 = time.perf_counter()
@@ -326,7 +327,7 @@ class Run:
         finished = train_one_epoch(
             self.parts, bar, p, self.meter, steps_per_epoch=self.steps_per_epoch, max_steps=cfg.max_steps,
             log_every=cfg.log_every_steps, on_log=on_log, checkpoint_every=cfg.save_every_steps,
-            on_checkpoint=self.save, grad_accum=cfg.grad_accum,
+            on_checkpoint=self.save, grad_accum=accum,
         )
         bar.close()
         if not finished:
@@ -346,7 +347,7 @@ class Run:
             "kind": "epoch", "epoch": p.epoch, "step": p.step, **self.schedules_at(p.epoch + 1 - 1e-9),
             "train": meter.summary(self.head_names), "val": val,
             "train_seconds": train_time, "train_img_per_s": meter.samples / max(train_time, 1e-9),
-            "batch": self.batch_info(), **({"resolution": side} if side else {}),
+            "batch": self.batch_info(accum), **({"resolution": side} if side else {}),
         }
         score = val["heads"]["main"][self.headline]  # the same on every process, so is the decision
         if score > p.best_top1:

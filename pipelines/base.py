@@ -41,8 +41,8 @@ class Loader(Protocol):
         ...
 
 # Progressive resizing: the train loaders of the image backends (torchvision, DALI, FFCV, memory) also have
-# `resolution` (the side of the square training images) and `set_resolution(size)`, which takes effect
-# from the next iteration (an epoch's start), so the side is a function of the epoch alone.
+# `resolution` (the side of the square training images), `set_resolution(size)` and `set_batch_size(n)`,
+# which take effect from the next iteration (an epoch's start), so both are functions of the epoch alone.
 
 
 @dataclass

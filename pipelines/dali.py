@@ -205,6 +205,11 @@ class DaliLoader:
     def set_resolution(self, size: int) -> None:
         self.resolution = size
 
+    def set_batch_size(self, batch_size: int) -> None:
+        if batch_size != self.batch_size:  # a pipeline's batch size is fixed: the next epoch builds another
+            self.batch_size = batch_size
+            self.close()
+
     def _start_epoch(self):
         """The pipeline's iterator, positioned at the start of the set epoch (from start_batch)."""
         _, dali_torch = _import_dali()

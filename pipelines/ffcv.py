@@ -197,6 +197,9 @@ class FfcvLoader:
     def set_resolution(self, size: int) -> None:
         self._decoder.output_size = (size, size)
 
+    def set_batch_size(self, batch_size: int) -> None:
+        self.batch_size = self._loader.batch_size = batch_size  # FFCV sizes its buffers at each epoch's start
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
         self._order.skip = start_batch * self.batch_size

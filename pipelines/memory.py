@@ -100,6 +100,9 @@ class MemoryLoader:
     def set_resolution(self, size: int) -> None:
         self._side = size
 
+    def set_batch_size(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Draw epoch `epoch`'s order and augmentation; iteration starts at batch `start_batch`."""
         self.epoch = epoch

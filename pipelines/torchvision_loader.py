@@ -81,33 +81,33 @@ def collate(samples: list[Sample]) -> tuple[Tensor, Tensor, list[tuple[str, str]
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
-class EpochSampler(Sampler[tuple[int, np.ndarray | None, int | None]]):
-    """This process's shard of the dataset for the current epoch (see pipelines.sharding), each index
-    with its augmentation draws and output side (train) or None, None (val)."""
+class EpochSampler(Sampler[list[tuple[int, np.ndarray | None, int | None]]]):
+    """This process's shard of the dataset for the current epoch (see pipelines.sharding), batch by batch,
+    each index with its augmentation draws and output side (train) or None, None (val). Read in the main
+    process at each epoch's start, so batch size and side may change between epochs."""
 
     def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int, batch_size: int,
-                 size: int) -> None:
+                 size: int, drop_last: bool) -> None:
         self.n, self.rank, self.world_size, self.train, self.seed = n, rank, world_size, train, seed
-        self.batch_size = batch_size
-        self.size = size
+        self.batch_size, self.size, self.drop_last = batch_size, size, drop_last
         self.epoch = 0
         self.start_batch = 0  # where a resumed epoch starts
 
     def __len__(self) -> int:
         n = shard_size(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train)
-        return max(0, n - self.start_batch * self.batch_size)
+        return max(0, num_batches(n, self.batch_size, self.drop_last) - self.start_batch)
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray | None, int | None]]:
+    def __iter__(self) -> Iterator[list[tuple[int, np.ndarray | None, int | None]]]:
         epoch, start, self.start_batch = self.epoch, self.start_batch, 0  # a resumed epoch starts mid-way once
         idx = epoch_indices(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train,
                             seed=self.seed, epoch=epoch)
-        for b in range(start, -(-len(idx) // self.batch_size)):
+        for b in range(start, num_batches(len(idx), self.batch_size, self.drop_last)):
             chunk = idx[b * self.batch_size:(b + 1) * self.batch_size].tolist()
             if not self.train:
-                yield from ((i, None, None) for i in chunk)
+                yield [(i, None, None) for i in chunk]
                 continue
             draws = batch_draws(self.seed, epoch, self.rank, b, self.batch_size)
-            yield from ((i, d, self.size) for i, d in zip(chunk, draws, strict=False))
+            yield [(i, d, self.size) for i, d in zip(chunk, draws, strict=False)]
 
 
 class TorchvisionLoader:
@@ -129,19 +129,18 @@ class TorchvisionLoader:
         self.in_channels = 3
         self.skipped: list[tuple[str, str]] = list(images.skipped)  # up front + found while loading
         self.sampler = EpochSampler(len(images), rank=config.rank, world_size=config.world_size, train=train,
-                                    seed=config.seed, batch_size=self.batch_size, size=config.image_size)
+                                    seed=config.seed, batch_size=self.batch_size, size=config.image_size,
+                                    drop_last=self.drop_last)
         self.num_samples = shard_size(len(images), rank=config.rank, world_size=config.world_size,
                                       shuffle=train)
         self.normalize = Normalizer(channels_last=config.channels_last)
         workers = resolve_num_workers(config.num_workers)
         self._loader = DataLoader(
             ImageListDataset(images, config),
-            batch_size=self.batch_size,
-            sampler=self.sampler,
+            batch_sampler=self.sampler,
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
-            drop_last=self.drop_last,
             # Only seeds the workers' own RNGs, which nothing uses (augmentation comes with the index);
             # a private generator leaves the trainer's global RNG untouched.
             generator=torch.Generator().manual_seed(0),
@@ -158,6 +157,9 @@ class TorchvisionLoader:
 
     def set_resolution(self, size: int) -> None:
         self.sampler.size = size
+
+    def set_batch_size(self, batch_size: int) -> None:
+        self.batch_size = self.sampler.batch_size = batch_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.epoch = epoch

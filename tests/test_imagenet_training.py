@@ -24,14 +24,19 @@ def imagenet(tmp_path_factory):
     return write_tiny_imagenet(tmp_path_factory.mktemp("tiny-in"), form="devkit", train_per_class=4)
 
 
-def test_a_run_resumed_in_the_middle_of_the_ramp_continues_it_bitwise(imagenet, tmp_path, capsys):
-    # 12 images, 3 steps an epoch; sides 16, 24, 32; stopped one step into epoch 2 (side 24).
+@pytest.mark.parametrize("batch_scale", [False, True])
+def test_a_run_resumed_in_the_middle_of_the_ramp_continues_it_bitwise(imagenet, tmp_path, capsys, batch_scale):
+    # 12 images, 3 steps an epoch; sides 16, 24, 32; stopped one step into epoch 2 (side 24). With batch
+    # scaling the steps stay the same but sides 24 and 32 accumulate 4 micro-batches of 1 (4 x 24^2 <= 16^2 x 4).
     common = TINY + ["--data-dir", str(imagenet.root), "--arch", "resnet20", "--epochs", "3", "--lr", "0.05",
+                     *(["--res-batch-scale"] if batch_scale else []),
                      "--res-start", "16", "--image-size", "32", "--res-ramp-start", "0", "--res-ramp-end", "2",
                      "--res-step", "8", "--val-size", "40", "--val-resize", "48", "--log-every-steps", "2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_cli(common + ["--out", str(whole)], capsys)[0] == 0
     assert [r["resolution"] for r in read_log(whole, "epoch")] == [16, 24, 32]
+    accum = [r["batch"]["grad_accum"] for r in read_log(whole, "epoch")]
+    assert accum == ([1, 4, 4] if batch_scale else [1, 1, 1])
     assert run_cli(common + ["--out", str(parts), "--max-steps", "4"], capsys)[0] == 0
     code, stdout, _ = run_cli(common + ["--out", str(parts)], capsys)
     assert code == 0 and "step 4" in stdout

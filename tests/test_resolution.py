@@ -11,7 +11,7 @@ from pipeline_helpers import collect, make_loaders
 from small_data import write_fashion_mnist
 
 from dhm_fast.models import create_model
-from dhm_fast.resolution import ResolutionSchedule, compile_shapes
+from dhm_fast.resolution import ResolutionSchedule, accumulation, compile_shapes
 from dhm_fast.run import compile_limits
 from pipelines import LoaderConfig, create_loaders
 
@@ -25,6 +25,22 @@ def test_the_schedule_holds_ramps_in_steps_and_holds_again():
     assert ResolutionSchedule(40, 100, 0, 10, 32).sides(11)[1:-1] == [40, 64, 64, 64, 64, 64, 96, 96, 96]
     assert ResolutionSchedule(100, 100, 0, 10).sides(3) == [100] * 3
     assert ResolutionSchedule(48, 64, 3, 3, 16).sides(5) == [48] * 4 + [64]  # a jump at the ramp's end
+
+
+def test_batch_scaling_keeps_micro_batch_times_pixels_at_most_the_start_value_with_the_fewest_micro_batches():
+    assert [accumulation(8, 1, side, 16) for side in (16, 24, 32)] == [1, 4, 4]
+    assert accumulation(256, 2, 192, 160) == 4  # 2 x 1.44 = 2.88 -> the next divisor of 256
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        per_process = int(rng.choice([8, 96, 128, 256, 1000]))
+        grad_accum = int(rng.choice([d for d in range(1, 9) if per_process % d == 0]))
+        start = int(rng.integers(16, 200))
+        side = start + int(rng.integers(0, 200))
+        a = accumulation(per_process, grad_accum, side, start)
+        assert per_process % a == 0 and a >= grad_accum
+        assert a == per_process or (per_process // a) * side**2 <= (per_process // grad_accum) * start**2
+        fewer = [d for d in range(grad_accum, a) if per_process % d == 0]
+        assert all((per_process // d) * side**2 > (per_process // grad_accum) * start**2 for d in fewer)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +62,19 @@ def test_folder_backends_follow_the_schedule_epoch_by_epoch_and_test_at_their_ow
     val.set_epoch(0)
     assert collect(val)[0].shape[1:] == (3, 40, 40)
     if backend == "ffcv":  # FFCV's crops come from an unseeded RNG: nothing to compare exactly
+        train.set_batch_size(2)
+        train.set_epoch(1)
+        assert len(train) == 6 and [len(y) for _, y in train] == [2] * 6
         return
-    # A side set by the schedule gives exactly the batches of a loader built for that side.
-    built, _ = make_loaders(backend, imagenet.root, tmp_path / "c", image_size=24, val_resize=48)
+    # A side and batch size set between epochs give exactly the batches of a loader built with them.
+    built, _ = make_loaders(backend, imagenet.root, tmp_path / "c", image_size=24, val_resize=48, batch_size=2)
+    train.set_resolution(24)
+    train.set_batch_size(2)
     for loader in (train, built):
-        loader.set_resolution(24) if loader is train else None
         loader.set_epoch(5, start_batch=1)
-    np.testing.assert_array_equal(collect(train)[0], collect(built)[0])
+    images, labels = collect(train)
+    assert len(train) == len(built) == 6 and images.shape == (10, 3, 24, 24)
+    np.testing.assert_array_equal(images, collect(built)[0])
     for loader in (train, val, built):
         loader.close()
 
@@ -68,6 +90,8 @@ def test_the_memory_loader_resizes_its_training_crops(tmp_path):
     train.set_epoch(0)
     resized, _ = collect(train)
     assert resized.shape == (16, 1, 20, 20)
+    train.set_batch_size(4)
+    assert len(train) == 4 and [len(y) for _, y in train] == [4] * 4
     expected = torch.nn.functional.interpolate(torch.from_numpy(native).float(), size=(20, 20), mode="bilinear",
                                                antialias=True, align_corners=False).double().numpy()
     np.testing.assert_allclose(resized, expected, atol=1e-5)
