@@ -77,8 +77,8 @@ def apply_batch(loader, cfg: TrainConfig, side: int | None, per_process: int) ->
     return accum
 
 
-def compile_shapes(schedule: ResolutionSchedule | None, epochs: int) -> int:
+def compile_shapes(schedule: ResolutionSchedule | None, epochs: int, batch_scale: bool = False) -> int:
     """Graphs per branch pattern that torch.compile builds for training: one for the first side, and,
     when the side changes, one more in which Dynamo's automatic dynamic shapes make height and width
-    symbolic, which then serves every later side."""
-    return 1 if schedule is None or len(set(schedule.sides(epochs))) == 1 else 2
+    symbolic, which then serves every later side (one more when the micro-batch also changes later)."""
+    return 1 if schedule is None or len(set(schedule.sides(epochs))) == 1 else 2 + batch_scale

@@ -137,7 +137,7 @@ class Run:
         if cfg.compile:
             # The DDP-wrapped module is compiled, so Dynamo's DDP optimizer splits the graph at bucket
             # boundaries and gradient all-reduce overlaps the backward pass.
-            compile_limits(self.num_heads, resolution.compile_shapes(self.resolution, cfg.epochs))
+            compile_limits(self.num_heads, resolution.compile_shapes(self.resolution, cfg.epochs, cfg.res_batch_scale))
             alone = self.net is self.model
             self.net = torch.compile(self.net)
             self.eval_net = self.net if alone else torch.compile(self.model)
