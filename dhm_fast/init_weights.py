@@ -31,16 +31,17 @@ class InitReport:
     loaded: list[str]
     missing: list[str]  # the model's tensors left at their init
     unused: list[str]  # the file's tensors with no place in the model
+    prefix: str = ""  # a backbone's stock prefix, left out when grouping
 
     def lines(self) -> list[str]:
         return [f"init weights: {len(self.loaded)} tensors loaded",
-                f"init weights: missing (random init): {_summary(self.missing)}",
-                f"init weights: unused from the file: {_summary(self.unused)}"]
+                f"init weights: missing (random init): {_summary(self.missing, self.prefix)}",
+                f"init weights: unused from the file: {_summary(self.unused, self.prefix)}"]
 
 
-def _summary(keys: Iterable[str]) -> str:
+def _summary(keys: Iterable[str], prefix: str) -> str:
     """``aux1 (30 tensors), fc (2 tensors)``: keys grouped by their top-level module."""
-    groups = Counter(key.split(".")[0] for key in keys)
+    groups = Counter(key.removeprefix(prefix).split(".")[0] for key in keys)
     return ", ".join(f"{name} ({n} tensor{'s' * (n != 1)})" for name, n in groups.items()) or "none"
 
 
@@ -105,4 +106,4 @@ def load_init_weights(model: nn.Module, source: str | Path | Mapping[str, Tensor
     with torch.no_grad():
         model.load_state_dict(loaded, strict=False)
     missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
-    return InitReport(list(loaded), missing, unused)
+    return InitReport(list(loaded), missing, unused, getattr(model, "stock_prefix", ""))

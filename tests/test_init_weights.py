@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 
 import pytest
@@ -13,7 +14,7 @@ from dhm_fast.cli import main
 from dhm_fast.errors import UserError
 from dhm_fast.export import strip_branches
 from dhm_fast.init_weights import load_init_weights, read_weights
-from dhm_fast.models import create_model
+from dhm_fast.models import backbones, create_model
 
 
 def _torchvision(arch: str, num_classes: int = 1000) -> torch.nn.Module:
@@ -66,6 +67,26 @@ def test_a_dhm_checkpoint_initialises_another_run_completely(tmp_path):
     assert report.missing == [] and report.unused == []
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("arch", [
+    "tv:mobilenet_v3_small",
+    pytest.param("timm:resnet18", marks=pytest.mark.skipif(importlib.util.find_spec("timm") is None,
+                                                           reason="timm is not installed")),
+])
+def test_stock_weights_load_straight_into_a_backbone_trunk(arch):
+    torch.manual_seed(1)
+    stock = backbones.stock_constructor(arch)(1000).state_dict()
+    model = create_model(arch, 10)
+    report = load_init_weights(model, stock)
+    head = {k for k, v in stock.items() if v.shape != model.state_dict()["trunk." + k].shape}
+    assert head and sorted(report.unused) == sorted("trunk." + k for k in head)  # the 1000-class classifier
+    for key, value in stock.items():
+        if key not in head:
+            assert torch.equal(model.state_dict()["trunk." + key], value), key
+    lines = report.lines()
+    assert f"{next(iter(head)).split('.')[0]} ({len(head)} tensors), aux1 (" in lines[1]
+    assert lines[2].endswith(f"{next(iter(head)).split('.')[0]} ({len(head)} tensors)")
 
 
 class _Evil:
