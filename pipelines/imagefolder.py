@@ -233,7 +233,9 @@ def scan_imagefolder(
                          f"them once with: {imagenet_layout.EXTRACT} {base / 'train'}")
     labels = imagenet_layout.find_labels(base.resolve(), val_labels)
     train = scan_split(base, "train", strict=strict, mode=mode, cache_dir=cache_dir)
-    if labels is not None and labels.suffix != ".csv":
+    if labels is not None and labels.suffix != ".csv" and (val_labels or _is_flat(base / "val")):
+        # The devkit labels this val/ or was named: its classes must be train/'s (a devkit merely lying
+        # near a class-folder dataset, such as an ImageNet subset, is not this dataset's).
         imagenet_layout.check_class_order(train.classes, imagenet_layout.read_devkit(labels))
     val = scan_split(base, "val", train.classes, strict=strict, mode=mode, cache_dir=cache_dir, labels=labels)
     return train, val

@@ -108,3 +108,16 @@ def test_training_tars_are_named_then_extracted_by_one_command(tmp_path, outer):
     assert sorted(Path(f).name for f in train.files) == sorted(f"{w}_{i}.JPEG" for w in IDS for i in range(4))
     again = subprocess.run(args, capture_output=True, text=True, check=True)  # already done: nothing to redo
     assert "extracted 0 class(es)" in again.stdout
+
+
+def test_a_devkit_near_a_class_folder_subset_is_left_alone_unless_named(tmp_path):
+    data = write_tiny_imagenet(tmp_path / "in", form="devkit")
+    for name, wnid in data.val_truth.items():  # val/<wnid>/ folders, as a prepared subset has them
+        (data.root / "val" / wnid).mkdir(exist_ok=True)
+        (data.root / "val" / name).rename(data.root / "val" / wnid / name)
+    for split in ("train", "val"):
+        shutil.rmtree(data.root / split / WNIDS[2], ignore_errors=True)
+    train, _ = scan_imagefolder(data.root, cache_dir=tmp_path / "c")
+    assert train.classes == WNIDS[:2]
+    with pytest.raises(ValueError, match=r"differ from the 3 classes of .*0 unknown .*1 missing"):
+        scan_imagefolder(data.root, cache_dir=tmp_path / "c", val_labels=str(data.labels))
