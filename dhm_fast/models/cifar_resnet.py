@@ -115,5 +115,4 @@ class CifarResNet(BranchedNet):
 
 
 def build(arch: str, num_classes: int, in_channels: int, with_branches: bool) -> CifarResNet:
-    n, branch_layers = SPECS[arch]
-    return CifarResNet(n, branch_layers, num_classes, in_channels, with_branches)
+    return CifarResNet(*SPECS[arch], num_classes, in_channels, with_branches)

@@ -99,12 +99,9 @@ class DenseNet(BranchedNet):
         dropout: float = 0.0,
     ):
         super().__init__()
-        per_layer_convs = 2 if bottleneck else 1
-        if (depth - 4) % (3 * per_layer_convs):
-            raise ValueError(f"DenseNet depth {depth} does not split into three equal dense stages")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        n = (depth - 4) // (3 * per_layer_convs)
+        n = (depth - 4) // (3 * (2 if bottleneck else 1))  # layers per dense stage (a BC layer has 2 convs)
         layer = BottleneckLayer if bottleneck else DenseLayer
 
         def stage(channels: int, layers: int, growth: int) -> tuple[nn.Sequential, int]:

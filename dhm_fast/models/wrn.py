@@ -68,8 +68,6 @@ class WideResNet(BranchedNet):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         n = (depth - 4) // 6
@@ -108,5 +106,4 @@ class WideResNet(BranchedNet):
 def build(
     arch: str, num_classes: int, in_channels: int, with_branches: bool, dropout: float = 0.0
 ) -> WideResNet:
-    depth, widen, branch_layers = SPECS[arch]
-    return WideResNet(depth, widen, branch_layers, num_classes, in_channels, with_branches, dropout)
+    return WideResNet(*SPECS[arch], num_classes, in_channels, with_branches, dropout)
