@@ -134,9 +134,7 @@ def fused_backend(
     precisions are computed in the widest), the gradient included. The gradient is saved in the logits'
     dtype, except float16's, saved in float32: a GradScaler's loss scale is applied in backward, and
     many unscaled entries would be subnormal or zero in float16. The caller has checked that the op has
-    a kernel for the device."""
-    if not logits:
-        raise ValueError("fused_loss needs at least one head's logits")
+    a kernel for the device and that there is at least one head."""
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in logits))
     logits = [x.to(dtype) for x in logits]
     weights = {"device": logits[0].device, "dtype": torch.float32}
