@@ -84,20 +84,21 @@ def _stock(arch: str, num_classes: int, in_channels: int) -> nn.Module:
             return make(num_classes, in_channels).to("meta")
 
 
-def _on_meta(arch: str, in_channels: int = 3) -> nn.Module:
+def _on_meta(arch: str) -> nn.Module:
     with torch.device("meta"):
-        return _stock(arch, 10, in_channels).eval()
+        return _stock(arch, 10, 3).eval()
 
 
 @cache
-def graph_shapes(arch: str, in_channels: int = 3) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(node name, output shape) of every tensor-valued node, in order, at PROBE_SIZE (on "meta": free)."""
-    model = _on_meta(arch, in_channels=in_channels)
+def graph_shapes(arch: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(node name, output shape) of every tensor-valued node, in order, for an RGB image of PROBE_SIZE pixels
+    (on "meta": no memory, no arithmetic)."""
+    model = _on_meta(arch)
     names, create = _fx(arch)
     nodes = [n for n in names(model)[1] if n != "x"]
     extractor = create(model, return_nodes={n: n for n in nodes})
     with torch.no_grad():
-        out = extractor(torch.empty(1, in_channels, PROBE_SIZE, PROBE_SIZE, device="meta"))
+        out = extractor(torch.empty(1, 3, PROBE_SIZE, PROBE_SIZE, device="meta"))
     return tuple((n, tuple(out[n].shape)) for n in nodes if isinstance(out.get(n), Tensor))
 
 
@@ -221,16 +222,15 @@ def branch_summary(model: BranchedNet, image_size: int) -> list[str]:
 
     if not isinstance(model, BackboneNet) or model.num_heads == 1:
         return []
-
     config = model.build_config
     with torch.device("meta"):
-        copy = create_model(model.arch, method="dhm" if model.num_heads > 1 else "baseline", **config)
+        copy = create_model(model.arch, method="dhm", **config)
         x = torch.empty(1, config["in_channels"], image_size, image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         copy.eval()(x, all_heads=True)
     flops = {k.removeprefix("BackboneNet."): sum(v.values()) for k, v in counter.get_flop_counts().items()}
     lines = [f"trunk {model.arch}: {flops.get('trunk', 0) / 1e6:.1f} MFLOPs per image at {image_size} px"]
-    for head, fork in zip(("aux2", "aux1"), getattr(model, "forks", ()), strict=False):
+    for head, fork in zip(("aux2", "aux1"), model.forks, strict=True):
         conv = getattr(model, head).conv1[0]
         lines.append(f"{head} at {fork}: {len(getattr(model, head).stage_names)} conv(s) 3x3 stride {conv.stride[0]}, "
                      f"width {conv.out_channels}, {flops.get(head, 0) / 1e6:.1f} MFLOPs per image")
