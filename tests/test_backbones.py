@@ -217,6 +217,7 @@ def test_the_command_line_lists_fork_points_and_refuses_bad_names(capsys):
     out = capsys.readouterr().out
     assert "layer2                           [1, 128, 28, 28]         stage aux2 (default)" in out
     assert "layer3.0                         [1, 256, 14, 14]" in out
+    assert "aux2 at layer2: 2 conv(s) 3x3 stride 2, width 128" in out  # the default branches' cost
     for args, message in ((["--arch", "tv:nope"], "unknown torchvision classifier"),
                           (["--arch", "tv:resnet18", "--fork-at", "layer2,nope"], "unknown fork point 'nope'"),
                           (["--arch", "resnet20", "--fork-at", "layer2,layer3"], "--fork-at is for tv:NAME"),

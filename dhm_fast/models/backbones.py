@@ -268,4 +268,9 @@ def fork_point_lines(arch: str) -> list[str]:
     for name, shape in candidates(arch):
         marks = ["stage"] * (resolve(arch, name)[0] in ends) + [defaults.get(name, "")]
         lines.append(f"  {name:32s} {str(list(shape)):24s} {' '.join(marks)}".rstrip())
+    if defaults:  # the default branches' cost
+        from . import create_model
+
+        with torch.device("meta"):
+            lines += ["", *branch_summary(create_model(arch, 1000), PROBE_SIZE)]
     return lines
