@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +244,17 @@ def test_a_backbone_run_resumes_exactly(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     a, b = checkpoint.load(whole / "last.pt")["model"], checkpoint.load(parts / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_a_backbone_with_sampled_branches(tmp_path):
+    data = write_fashion_mnist(tmp_path / "fm", n_train=32, n_test=8, side=16)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--arch", "tv:mobilenet_v3_small", "--batch-size", "8", "--epochs", "1", "--branch-prob", "0.5",
+           "--amp", "none", "--no-channels-last", "--data-dir", str(data), "--out", str(tmp_path / "run")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["world_size"] == 2
