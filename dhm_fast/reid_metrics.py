@@ -18,7 +18,7 @@ from torch import Tensor
 
 RANKS = (1, 5, 10)
 BLOCK_BYTES = 256 * 2**20  # working memory of one block of queries
-BYTES_PER_ENTRY = 64  # per (query, gallery) entry: distance, sort keys and index, gathered ids, masks, counts
+BYTES_PER_ENTRY = 96  # per (query, gallery) entry, measured: distance, sort, gathered ids, masks, counts
 
 
 def squared_distances(query: Tensor, gallery: Tensor) -> Tensor:
@@ -27,14 +27,18 @@ def squared_distances(query: Tensor, gallery: Tensor) -> Tensor:
 
 
 def scaled(query: Tensor, gallery: Tensor) -> tuple[Tensor, Tensor]:
-    """Both sets in float64 (float64 input) or float32, divided by one power of two that brings the
-    largest magnitude into [0.5, 1): exact, so ties survive, and squares neither overflow nor underflow."""
+    """Both sets in float64 (float64 input) or float32; when their largest magnitude is far from 1, divided by
+    the power of two that brings it into [0.5, 1): exact, so ties survive, and squares neither overflow nor
+    underflow."""
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     query, gallery = query.to(dtype), gallery.to(query.device, dtype)
     if not (torch.isfinite(query).all() and torch.isfinite(gallery).all()):
         raise ValueError("embeddings hold NaN or infinite values (did training diverge?)")
-    _, exponent = torch.frexp(torch.maximum(query.abs().max(), gallery.abs().max()))
-    return torch.ldexp(query, -exponent), torch.ldexp(gallery, -exponent)
+    exponent = int(torch.frexp(torch.maximum(query.abs().max(), gallery.abs().max())).exponent)
+    if abs(exponent) <= 16:  # squares of d values this size are safe: no copies of the embeddings
+        return query, gallery
+    power = torch.tensor(-exponent, device=query.device)
+    return torch.ldexp(query, power), torch.ldexp(gallery, power)
 
 
 def rank_metrics(query: Tensor, gallery: Tensor, query_ids: Tensor, gallery_ids: Tensor, query_cams: Tensor,

@@ -3,6 +3,7 @@
 package's own import pulls in scipy and more)."""
 
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
@@ -122,3 +123,14 @@ def test_bad_inputs_are_one_line_errors():
         rank_metrics(query[:, :2], gallery, q_ids, g_ids, q_cams, g_cams)
     with pytest.raises(ValueError, match="gallery_cams must have shape"):
         rank_metrics(query, gallery, q_ids, g_ids, q_cams, g_cams[:-1])
+
+
+def test_the_benchmark_agrees_with_torchreid_and_writes_its_figures(tmp_path):
+    torchreid_evaluate_rank()  # skips without torchreid
+    from benchmarks.bench_reid_eval import main
+
+    out = tmp_path / "reid_eval.json"
+    assert main(["--queries", "20", "--gallery", "120", "--dim", "8", "--identities", "10", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics_agree"] and report["settings"]["gallery"] == 120 and report["seconds"]["ours"]["n"] == 1
