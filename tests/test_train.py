@@ -75,7 +75,7 @@ def test_resume_after_interrupt_equals_the_uninterrupted_run(tmp_path, capsys, s
     assert_identical(without_timing(read_log(whole)), without_timing(read_log(parts)), "log")
     a, b = checkpoint.load(whole / "last.pt"), checkpoint.load(parts / "last.pt")
     assert a.keys() == b.keys()
-    for key in a.keys() - {"config"}:  # the configs differ in --out only
+    for key in a.keys() - {"config", "provenance"}:  # configs differ in --out; provenance in the git commit
         assert_identical(without_timing(a[key]), without_timing(b[key]), key)
 
 
@@ -138,7 +138,7 @@ def test_resume_with_dropout_reproduces_every_record_and_the_rng(tmp_path, capsy
     # The final checkpoints: weights, optimizer, meter, RNG states (torch and Python), history.
     a, b = checkpoint.load(whole / "last.pt"), checkpoint.load(parts / "last.pt")
     assert a.keys() == b.keys() and {"rng", "meter", "model", "optimizer"} <= a.keys()
-    for key in a.keys() - {"config"}:  # the configs differ in --out only
+    for key in a.keys() - {"config", "provenance"}:  # configs differ in --out; provenance in the git commit
         assert_identical(without_timing(a[key]), without_timing(b[key]), key)
 
 
