@@ -21,11 +21,6 @@ BLOCK_BYTES = 256 * 2**20  # working memory of one block of queries
 BYTES_PER_ENTRY = 96  # per (query, gallery) entry, measured: distance, sort, gathered ids, masks, counts
 
 
-def squared_distances(query: Tensor, gallery: Tensor) -> Tensor:
-    """[q, g] squared euclidean distances of two [n, d] float matrices of one dtype."""
-    return (query.square().sum(1, keepdim=True) + gallery.square().sum(1)).addmm_(query, gallery.T, alpha=-2)
-
-
 def scaled(query: Tensor, gallery: Tensor) -> tuple[Tensor, Tensor]:
     """Both sets in float64 (float64 input) or float32; when their largest magnitude is far from 1, divided by
     the power of two that brings it into [0.5, 1): exact, so ties survive, and squares neither overflow nor
@@ -54,13 +49,17 @@ def rank_metrics(query: Tensor, gallery: Tensor, query_ids: Tensor, gallery_ids:
     device = query.device
     query, gallery = scaled(query, gallery)
     g_ids, g_cams = gallery_ids.to(device, torch.int32), gallery_cams.to(device, torch.int32)
-    block = max(1, block_bytes // (BYTES_PER_ENTRY * max(1, len(gallery))))
+    g_squares = gallery.square().sum(1)
+    block = max(1, block_bytes // (BYTES_PER_ENTRY * len(gallery)))
     ap_sum = torch.zeros((), dtype=torch.float64, device=device)
     hits_at = torch.zeros(len(ranks), dtype=torch.long, device=device)
     valid = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(query), block):
         sl = slice(start, start + block)
-        order = torch.argsort(squared_distances(query[sl], gallery), dim=1, stable=True)
+        q = query[sl]
+        distances = (q.square().sum(1, keepdim=True) + g_squares).addmm_(q, gallery.T, alpha=-2)  # squared
+        order = torch.argsort(distances, dim=1, stable=True)
+        del distances
         q_ids = query_ids[sl].to(device, torch.int32)[:, None]
         q_cams = query_cams[sl].to(device, torch.int32)[:, None]
         same_id = g_ids[order] == q_ids
@@ -69,12 +68,11 @@ def rank_metrics(query: Tensor, gallery: Tensor, query_ids: Tensor, gallery_ids:
         position = kept.cumsum(1, dtype=torch.int32)  # 1-based rank of each kept entry
         found = hit.cumsum(1, dtype=torch.int32)
         relevant = found[:, -1]
-        has_match = relevant > 0
         precision = torch.where(hit, found / position, 0.0).sum(1, dtype=torch.float64)  # 0 without a match
         ap_sum += (precision / relevant.clamp(min=1)).sum()
         first = torch.where(hit, position, torch.iinfo(torch.int32).max).amin(1)
         hits_at += torch.stack([(first <= k).sum() for k in ranks])
-        valid += has_match.sum()
+        valid += (relevant > 0).sum()
     n_valid = int(valid.item())
     if n_valid == 0:
         raise ValueError("no query has a true match in the gallery (other than from its own camera)")

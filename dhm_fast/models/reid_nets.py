@@ -47,6 +47,8 @@ class ReidHead(nn.Module):
 
 
 class FreezableTrunk(BranchedNet):
+    """A re-ID network whose trunk (every child but the new layers) can be frozen for a warm-up."""
+
     trunk_frozen = False
 
     def freeze_trunk(self, frozen: bool) -> None:
