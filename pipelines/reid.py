@@ -55,6 +55,9 @@ class ReidSplit:
     camids: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
 
+    def keep(self, indices: list[int]) -> None:
+        self.files, self.pids, self.camids = ([v[i] for i in indices] for v in (self.files, self.pids, self.camids))
+
 
 def find_root(dataset: str, data_dir: str | None) -> Path:
     if data_dir is None:
@@ -68,8 +71,8 @@ def find_root(dataset: str, data_dir: str | None) -> Path:
     return root
 
 
-def parse_split(folder: Path, dataset: str, strict: bool) -> ReidSplit:
-    """Files with their identity and camera, junk left out, malformed names skipped (or raised)."""
+def parse_split(folder: Path, dataset: str, strict: bool, left_out: tuple[int, ...] = (JUNK,)) -> ReidSplit:
+    """Files with their identity and camera, identities `left_out` left out, malformed names skipped (or raised)."""
     out = ReidSplit()
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         match = NAMES[dataset].fullmatch(path.name)
@@ -77,7 +80,7 @@ def parse_split(folder: Path, dataset: str, strict: bool) -> ReidSplit:
             _skip(out, str(path), f"not a {dataset} image name", strict)
             continue
         pid, cam = int(match[1]), int(match[2])
-        if pid != JUNK:
+        if pid not in left_out:
             out.files.append(str(path))
             out.pids.append(pid)
             out.camids.append(cam)
@@ -104,7 +107,7 @@ def decode(split: ReidSplit, size: tuple[int, int], strict: bool, threads: int) 
             _skip(split, split.files[i], r, strict)
     if not keep:
         raise ValueError(f"none of the {len(split.files)} images in {Path(split.files[0]).parent} decodes")
-    split.files, split.pids, split.camids = ([v[i] for i in keep] for v in (split.files, split.pids, split.camids))
+    split.keep(keep)
     return torch.from_numpy(np.stack([results[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
 
 
@@ -120,9 +123,8 @@ def create_reid_loaders(config: LoaderConfig) -> tuple[MemoryLoader, MemoryLoade
         raise ValueError(f"{config.dataset} is held in memory: --loader {config.backend} does not apply")
     root = find_root(config.dataset, config.data_dir)
     size, threads = (config.image_size, config.image_size // 2), resolve_num_workers(config.num_workers)
-    train, query, gallery = (parse_split(root / s, config.dataset, config.strict_data) for s in SPLITS)
-    keep = [i for i, pid in enumerate(train.pids) if pid != DISTRACTOR]
-    train.files, train.pids, train.camids = ([v[i] for i in keep] for v in (train.files, train.pids, train.camids))
+    train = parse_split(root / SPLITS[0], config.dataset, config.strict_data, left_out=(JUNK, DISTRACTOR))
+    query, gallery = (parse_split(root / s, config.dataset, config.strict_data) for s in SPLITS[1:])
     train_images = decode(train, size, config.strict_data, threads)
     identities = sorted(set(train.pids))
     relabel = {pid: i for i, pid in enumerate(identities)}

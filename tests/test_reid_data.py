@@ -21,6 +21,8 @@ def market(tmp_path):
 
 
 def test_identities_cameras_junk_and_distractors(market):
+    for name in ("0000_c1s1_000100_00.jpg", "-1_c2s1_000101_00.jpg"):  # no identity: never a training class
+        shutil.copy(next((market / "bounding_box_train").iterdir()), market / "bounding_box_train" / name)
     train, test = loaders(market)
     assert (train.num_classes, train.num_samples) == (6, 6 * 3 * 2)
     assert sorted(set(train.labels.tolist())) == list(range(6))  # ids 1..6 relabelled 0..5
