@@ -1,16 +1,16 @@
 """mAP and CMC against two independent references: a brute-force float64 loop written here, and torchreid's
 `evaluate_rank` (the dev extra installs torchreid; only its rank module is loaded, by file path, since the
-package's own import pulls in scipy and more)."""
+package's own import pulls in scipy and more: benchmarks/bench_reid_eval.py)."""
 
 import importlib.util
 import json
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench_reid_eval import main as bench_main
+from benchmarks.bench_reid_eval import torchreid_rank_module
 from dhm_fast.reid_metrics import rank_metrics
 
 RANKS = (1, 5, 10)
@@ -85,16 +85,9 @@ def test_matches_brute_force_on_gaussian_embeddings():
 
 
 def torchreid_evaluate_rank():
-    spec = importlib.util.find_spec("torchreid")
-    if spec is None or spec.origin is None:
+    if importlib.util.find_spec("torchreid") is None:
         pytest.skip("torchreid is not installed (pip install torchreid==0.2.5; the dev extra has it)")
-    path = Path(spec.origin).parent / "reid" / "metrics" / "rank.py"
-    module_spec = importlib.util.spec_from_file_location("torchreid_rank", path)
-    module = importlib.util.module_from_spec(module_spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Cython evaluation is unavailable": its python path is the reference
-        module_spec.loader.exec_module(module)
-    return module.evaluate_rank
+    return torchreid_rank_module().evaluate_rank
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -127,10 +120,8 @@ def test_bad_inputs_are_one_line_errors():
 
 def test_the_benchmark_agrees_with_torchreid_and_writes_its_figures(tmp_path):
     torchreid_evaluate_rank()  # skips without torchreid
-    from benchmarks.bench_reid_eval import main
-
     out = tmp_path / "reid_eval.json"
-    assert main(["--queries", "20", "--gallery", "120", "--dim", "8", "--identities", "10", "--repeats", "1",
+    assert bench_main(["--queries", "20", "--gallery", "120", "--dim", "8", "--identities", "10", "--repeats", "1",
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["metrics_agree"] and report["settings"]["gallery"] == 120 and report["seconds"]["ours"]["n"] == 1
