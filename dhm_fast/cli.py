@@ -16,6 +16,7 @@ from dhm_fast.config import (
     flag_name,
     load_recipe,
     recipe_names,
+    recipe_origin,
     warnings_for,
 )
 from dhm_fast.errors import UserError
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=None,
     )
     groups = {name: p.add_argument_group(name) for name in GROUPS}
-    groups[GROUPS[0]].add_argument("--recipe", help=f"a paper row, e.g. imagenet-resnet152 (default "
+    groups[GROUPS[0]].add_argument("--recipe", help=f"a paper row (e.g. imagenet-resnet152) or one of ours (default "
                                    f"{DEFAULT_RECIPE}); see --list-recipes")
     groups[GROUPS[0]].add_argument("--list-recipes", action="store_true", help="list the recipes and exit")
     for f in CLI_FIELDS:
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if overrides.pop("list_recipes"):
         for name in recipe_names():
             r = load_recipe(name)
-            print(f"{name:32s} {r['dataset']:14s} {r['arch']:20s} {r['epochs']:4d} epochs, batch {r['batch_size']}")
+            print(f"{name:32s} {recipe_origin(name):5s} {r['dataset']:14s} {r['arch']:20s} {r['epochs']:4d} epochs, "
+                  f"batch {r['batch_size']}")
         return 0
     recipe = overrides.pop("recipe")
     try:

@@ -54,7 +54,7 @@ def setting(default: Any, help: str, group: int, *, choices: tuple | None = None
 @dataclass
 class TrainConfig:
     # what to train
-    recipe: str = setting(DEFAULT_RECIPE, "a paper row, e.g. imagenet-resnet152; see --list-recipes", 0,
+    recipe: str = setting(DEFAULT_RECIPE, "a paper row (e.g. imagenet-resnet152) or one of ours; see --list-recipes", 0,
                           recipe=False, cli=False)
     arch: str = setting("resnet20", "network: one of the paper's, or tv:NAME / timm:NAME, any torchvision / timm "
                         "classifier with generic branches (docs/backbones.md)", 0, choices=ARCH_CHOICES)
@@ -205,6 +205,13 @@ def base_type(name: str) -> type:
 def recipe_names() -> list[str]:
     folder = resources.files("dhm_fast") / "recipes"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def recipe_origin(name: str) -> str:
+    """"paper" for a row of the DHM paper, "ours" for the rest (budget, demo and protocol recipes): each
+    recipe file's first line says which."""
+    first = (resources.files("dhm_fast") / "recipes" / f"{name}.toml").read_text().partition("\n")[0]
+    return "paper" if "of the DHM paper" in first else "ours"
 
 
 def load_recipe(name: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dhm_fast.config import TrainConfig
-from dhm_fast.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,6 @@ def apply(loader, schedule: ResolutionSchedule | None, epoch: int) -> int | None
     """Set the loader's training side for `epoch`; returns it (None without a schedule)."""
     if schedule is None:
         return None
-    if not hasattr(loader, "set_resolution"):
-        raise UserError(f"the {loader.name} loader has no progressive resizing (--res-start)")
     side = schedule.at(epoch)
     loader.set_resolution(side)
     return side

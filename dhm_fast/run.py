@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import dhm_fast.reid_eval as reid
 from dhm_fast import checkpoint, distributed, precision, resolution, telemetry
-from dhm_fast.config import TrainConfig
+from dhm_fast.config import TrainConfig, flag_name
 from dhm_fast.engine import NonFiniteLoss, Progress, evaluate, step_parts, train_one_epoch
 from dhm_fast.errors import UserError
 from dhm_fast.global_batch import micro_batch
@@ -38,7 +38,7 @@ from dhm_fast.sampling import BranchSampler
 from pipelines import LoaderConfig, create_loaders
 
 CHECKPOINT_FORMAT = "dhm_fast/1"
-IDENTITY_KEYS = ("arch", "method", "dataset")  # a checkpoint must agree on these to be resumed
+IDENTITY_KEYS = ("arch", "method", "dataset", "fork_at")  # a checkpoint must agree on these to be resumed
 
 
 def log(msg: str) -> None:
@@ -114,12 +114,12 @@ class Run:
             f"({self.train_loader.reason}); {self.train_loader.num_samples} train / "
             f"{self.val_loader.num_samples} val samples per process")
         self.num_classes = self.train_loader.num_classes
-        self.resolution = resolution.schedule_for(cfg, getattr(self.train_loader, "resolution", cfg.image_size))
+        self.resolution = resolution.schedule_for(cfg, self.train_loader.resolution)
         model = build_model(cfg, self.num_classes, self.train_loader.in_channels, self.device)
         if init_state is not None:  # a resumed checkpoint later overrides these
             for line in load_init_weights(model, init_state).lines():
                 log(line)
-        for line in branch_summary(model, getattr(self.train_loader, "resolution", cfg.image_size)):
+        for line in branch_summary(model, self.train_loader.resolution):
             log(line)  # the generic branches' cost next to the trunk's
         if cfg.sync_bn:
             model = distributed.convert_sync_bn(model, self.device)
@@ -206,7 +206,7 @@ class Run:
         for key in IDENTITY_KEYS:
             if saved.get(key) != getattr(self.cfg, key):
                 raise UserError(
-                    f"checkpoint {path} was trained with --{key} {saved.get(key)}, not "
+                    f"checkpoint {path} was trained with {flag_name(key)} {saved.get(key)}, not "
                     f"{getattr(self.cfg, key)}; pass the same settings or another --out"
                 )
         checkpoint.load_model_weights(self.model, ckpt["model"], str(path), f"{self.cfg.arch} ({self.cfg.method})")

@@ -25,6 +25,7 @@ class Loader(Protocol):
     num_classes: int
     in_channels: int
     skipped: list[tuple[str, str]]  # (path, why) of every file left out so far, found up front or while loading
+    resolution: int  # side of the square training images (a small dataset's native side until set_resolution)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
 
@@ -37,12 +38,14 @@ class Loader(Protocol):
         from there. Only that one iteration starts mid-way."""
         ...
 
+    # Progressive resizing: both take effect from the next iteration (an epoch's start), so the side and
+    # the micro-batch are functions of the epoch alone. The synthetic backend refuses a change.
+    def set_resolution(self, size: int) -> None: ...
+
+    def set_batch_size(self, batch_size: int) -> None: ...
+
     def close(self) -> None:  # release workers / pipelines
         ...
-
-# Progressive resizing: the train loaders of the image backends (torchvision, DALI, FFCV, memory) also have
-# `resolution` (the side of the square training images), `set_resolution(size)` and `set_batch_size(n)`,
-# which take effect from the next iteration (an epoch's start), so both are functions of the epoch alone.
 
 
 @dataclass

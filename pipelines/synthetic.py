@@ -49,6 +49,18 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.start_batch = start_batch  # the pool is fixed: epochs differ in nothing else
 
+    @property
+    def resolution(self) -> int:
+        return self.pool[0][0].shape[-1] if self.pool else 0
+
+    def set_resolution(self, size: int) -> None:
+        if size != self.resolution:
+            raise ValueError("the synthetic loader has a fixed image size: no progressive resizing")
+
+    def set_batch_size(self, batch_size: int) -> None:
+        if self.pool and batch_size != len(self.pool[0][1]):
+            raise ValueError("the synthetic loader has a fixed batch size")
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         start, self.start_batch = self.start_batch, 0
         for i in range(start, self.num_batches):

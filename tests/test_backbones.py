@@ -244,6 +244,10 @@ def test_a_backbone_run_resumes_exactly(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     a, b = checkpoint.load(whole / "last.pt")["model"], checkpoint.load(parts / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # features.2 has the default aux2 fork's shape: the weights would load, into another network
+    assert main(common + ["--out", str(parts), "--epochs", "3", "--fork-at", "features.2,features.8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained with --fork-at None, not features.2,features.8" in err and "\n" not in err, err
 
 
 @pytest.mark.slow

@@ -82,11 +82,17 @@ def test_memory_and_synthetic_honour_the_contract_with_its_values(tmp_path):
         assert isinstance(loader, Loader)
         assert loader.name == "memory" and "fits in memory" in loader.reason
         assert (loader.num_samples, loader.num_classes, loader.in_channels, loader.skipped) == (n, 10, 1, [])
+        assert loader.resolution == 28  # the native side until a schedule sets another
     cfg = LoaderConfig(backend="synthetic", batch_size=2, synthetic_shape=(2, 4, 4), synthetic_classes=7,
                        synthetic_batches=3)
     train, val = create_loaders(cfg)
     assert isinstance(train, Loader) and train.reason == "asked for with --loader"
     assert (train.num_samples, train.num_classes, train.in_channels, train.skipped) == (6, 7, 2, [])
+    train.set_resolution(4)  # its own side: accepted
+    with pytest.raises(ValueError, match="fixed image size"):
+        train.set_resolution(8)
+    with pytest.raises(ValueError, match="fixed batch size"):
+        train.set_batch_size(1)
 
 
 # --- mid-epoch restarts: the very batches of the uninterrupted pass ---------------------------------

@@ -278,6 +278,9 @@ def test_aux_weight_scales_every_auxiliary_cross_entropy(tmp_path, capsys, monke
 def test_help_and_recipe_list(capsys):
     code, out, _ = run_cli(["--list-recipes"], capsys)
     assert code == 0 and "imagenet-resnet152" in out and "cifar100-densenet-bc-100-12" in out
+    origin = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    assert origin["imagenet-resnet152"] == origin["market1501-resnet50"] == "paper"
+    assert origin["imagenet-resnet152-budget16"] == origin["fashion-mnist-resnet20"] == "ours"
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--branch-prob" in capsys.readouterr().out
