@@ -277,12 +277,32 @@ def train_resume_part(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def backbone_args(out: Path) -> list[str]:
+    """A torchvision backbone with generic branches under the trainer's GPU defaults (autocast,
+    channels-last), on synthetic 224 px batches."""
+    return ["--arch", "tv:resnet18", "--loader", "synthetic", "--device", "cuda", "--max-steps", "20",
+            "--log-every-steps", "10", "--out", str(out)]
+
+
+def backbone_export_part(ctx: Context) -> dict[str, Any]:
+    """Train tv:resnet18 with DHM for 20 steps, then export it: the exporter itself checks that the stock
+    torchvision constructor, loaded from the written files, reproduces the trained trunk's outputs."""
+    out, log = ctx.out / "backbone", ctx.out / "backbone_export.log"
+    shutil.rmtree(out, ignore_errors=True)
+    if rc := sh([PY, "train.py", *backbone_args(out)], log):
+        raise PartFailed(f"training exit {rc}: {last_line(log)}")
+    if rc := sh([PY, "-m", "dhm_fast.export", str(out / "last.pt"), "--out", str(out / "export")], log):
+        raise PartFailed(f"export exit {rc}: {last_line(log)}")
+    return {"status": "passed", "summary": last_line(log)}
+
+
 PARTS = (
     Part("setup", setup_part, 240, "build kernels._C in place for this GPU (no network)"),
     Part("cuda_tests", cuda_tests_part, 100, "pytest -m cuda"),
     Part("loss_bench", loss_bench_part, 75, "benchmarks.bench_loss on the GPU: bytes/s vs memory bandwidth"),
     Part("throughput", throughput_part, 120, "resnet50 224 bf16 channels_last, baseline vs DHM: time vs FLOPs"),
     Part("train_resume", train_resume_part, 100, "train.py on the GPU, SIGKILLed at a checkpoint, resumed"),
+    Part("backbone_export", backbone_export_part, 90, "tv:resnet18 + DHM, 20 steps on the GPU, then exported"),
 )
 
 
@@ -319,10 +339,10 @@ def format_table(report: dict[str, Any]) -> str:
     parts = report["parts"]
     counts = {s: sum(r["status"] == s for r in parts.values()) for s in ("passed", "measured", "failed", "skipped")}
     lines = [f"GPU acceptance check ({report['device'].get('summary', '?')}): "
-             + ", ".join(f"{n} {s}" for s, n in counts.items() if n), f"{'part':<13} {'time':>7}  result"]
+             + ", ".join(f"{n} {s}" for s, n in counts.items() if n), f"{'part':<15} {'time':>7}  result"]
     for name, r in parts.items():
         secs = f"{r['seconds']:.0f} s" if "seconds" in r else "-"
-        lines.append(f"{name:<13} {secs:>7}  {r['status']} ({r.get('summary', '')})")
+        lines.append(f"{name:<15} {secs:>7}  {r['status']} ({r.get('summary', '')})")
     return "\n".join(lines)
 
 
@@ -349,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.list:
         for p in parts:
-            print(f"{p.name:<13} {p.limit_s:>4.0f} s  {p.what}")
+            print(f"{p.name:<15} {p.limit_s:>4.0f} s  {p.what}")
         return 0
     report = run_check(parts, args.out.resolve())
     report["command"] = shlex.join(["python", "-m", "benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)])
