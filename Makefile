@@ -1,5 +1,5 @@
 # Two commands do everything, on a fresh machine, idempotently:
-#   make demo   set up, then train ResNet-20 + DHM on Fashion-MNIST (training: a few minutes on 2 CPU cores)
+#   make demo   set up, then train ResNet-20 + DHM on Fashion-MNIST (training: 3-10 min on 2 CPU cores, see README)
 #   make test   set up (including the DALI and FFCV extras), then run the whole test suite
 # Set-up steps re-run only when their inputs change (stamp files in the virtual environment).
 
