@@ -177,7 +177,8 @@ def _choose_backend(device: torch.device, reference: bool) -> LossBackend:
     if kernels.has_kernel(FUSED_OP, device):
         return LossBackend("fused", f"the native op has a kernel for {device}", fused_backend)
     why = _why_no_kernel(device)
-    if why not in _warned and not torch.compiler.is_compiling():
+    # meta tensors only count FLOPs or shapes: no loss is computed there, so there is nothing to warn about
+    if why not in _warned and device.type != "meta" and not torch.compiler.is_compiling():
         _warned.add(why)
         _LOG.warning("%s; the loss uses the slower plain-PyTorch reference", why)
     return LossBackend("reference", why, reference_backend)

@@ -585,6 +585,14 @@ def test_fallback_to_reference_when_extension_missing(monkeypatch, caplog, fresh
     assert torch.equal(a, ref) and torch.equal(b, ref)
 
 
+def test_meta_device_takes_the_reference_without_a_warning(caplog, fresh_backends):
+    # FLOP counting runs the loss on meta tensors: nothing is computed, so a warning would only mislead
+    with caplog.at_level(logging.WARNING, logger="dhm_fast.losses"):
+        backend = losses.select_backend("meta")
+    assert backend.name == "reference" and "no kernel for meta" in backend.reason
+    assert not [r for r in caplog.records if r.name == "dhm_fast.losses"]
+
+
 def test_gpu_without_code_for_its_architecture_falls_back_with_one_warning(monkeypatch, caplog, fresh_backends):
     # A library built for sm_80 and sm_90 (cubins only) on a compute capability 12.0 GPU: the op would
     # fail with "no kernel image is available"; the loss must use the reference and say why, once.
