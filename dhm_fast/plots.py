@@ -21,11 +21,12 @@ def draw_curves(records: list[dict], title: str = "") -> Figure | None:
 
     reid = bool(epochs) and "mAP" in epochs[-1]["val"]["heads"]["main"]  # person re-ID: mAP and Rank-1
     metrics = (("mAP", "-"), ("rank1", "--")) if reid else (("top1", "-"),)
-    for name in heads:
-        ax_ce.plot(x, [_get(r["train"]["heads"], name, "ce") for r in steps], label=name)
+    for i, name in enumerate(heads):
+        color = f"C{i}"  # one colour per head in every panel; re-ID's rank-1 dashed beside its mAP
+        ax_ce.plot(x, [_get(r["train"]["heads"], name, "ce") for r in steps], color=color, label=name)
         for metric, style in metrics:
             ax_acc.plot([r["epoch"] + 1 for r in epochs], [r["val"]["heads"][name][metric] for r in epochs], style,
-                        marker="o", label=f"{name} {metric}" if reid else name)
+                        color=color, marker="o", label=f"{name} {metric}" if reid else name)
     ax_ce.set(title="train cross-entropy per head", xlabel="epoch")
     ax_acc.set(title=f"validation {'mAP and rank-1' if reid else 'top-1'} % per head (epoch ends)", xlabel="epoch")
 

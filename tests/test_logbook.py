@@ -90,6 +90,8 @@ def test_curves_have_a_point_per_interval_and_a_readable_alpha_axis():
     ax_ce, ax_acc, ax_kl, ax_sched, ax_alpha = fig.axes
     assert [len(line.get_xdata()) for line in ax_ce.lines] == [10, 10, 10]  # every interval, every head
     assert list(ax_acc.lines[0].get_xdata()) == [1, 2]  # validation at the epoch ends
+    colours = [line.get_color() for line in ax_ce.lines]
+    assert len(set(colours)) == 3 and [line.get_color() for line in ax_acc.lines] == colours  # a colour per head
     assert list(ax_alpha.lines[0].get_ydata())[-1] == 1.0  # the ramp's end is drawn at full alpha
     fig.canvas.draw()
     assert ax_alpha.yaxis.get_offset_text().get_text() == ""  # no "1e-9 + 9.99e-1" offset labels
