@@ -82,7 +82,8 @@ def convert(data_dir: str, out: str, *, max_resolution: int | None = None, jpeg_
             write_mode: str = "proportion", compress_probability: float = 0.5,
             smart_threshold: int | None = None, num_workers: int | None = None, strict: bool = False,
             validation: str = "header", splits: Sequence[str] = ("train", "val"),
-            page_size: int | None = None, cache_dir: str | None = None) -> dict[str, Path]:
+            page_size: int | None = None, cache_dir: str | None = None, val_labels: str | None = None
+            ) -> dict[str, Path]:
     """Write OUT/<split>.beton for each split plus OUT/classes.txt; returns the written paths."""
     from ffcv.fields import IntField, RGBImageField
 
@@ -100,7 +101,7 @@ def convert(data_dir: str, out: str, *, max_resolution: int | None = None, jpeg_
                                compress_probability=compress_probability),
         "label": IntField(),
     }
-    train, val = scan_imagefolder(data_dir, strict=strict, mode=validation, cache_dir=cache_dir)
+    train, val = scan_imagefolder(data_dir, strict=strict, mode=validation, cache_dir=cache_dir, val_labels=val_labels)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "classes.txt").write_text("".join(c + "\n" for c in train.classes), encoding="utf-8")
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validation", choices=VALIDATION_MODES, default="header",
                    help="check file headers (fast) or decode every file first (full)")
     p.add_argument("--cache-dir", default=None, help="validation cache folder (default ~/.cache/dhm_fast)")
+    p.add_argument("--val-labels", default=None,
+                   help="ground truth of a flat val/ (the devkit or LOC_val_solution.csv; default: found in or above "
+                        "--data-dir, see docs/imagenet.md)")
     p.add_argument("--strict-data", dest="strict", action="store_true",
                    help="stop at the first bad file instead of skipping it")
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from imagenet_folder import WNIDS, write_tiny_imagenet
 from PIL import Image
 from pipeline_helpers import require_extra, small_config, write_undecodable_png
 
@@ -155,6 +156,21 @@ def test_cli_writes_files_and_reports_errors_in_one_line(dataset, tmp_path, caps
     assert err.startswith("error:") and "does not exist" in err and "\n" not in err
     assert main(["--data-dir", str(dataset.root), "--out", str(out), "--jpeg-quality", "0",
                  "--cache-dir", str(tmp_path / "vc")]) == 2
+
+
+def test_a_flat_val_is_labelled_by_the_ground_truth_named_with_val_labels(tmp_path, capsys):
+    tiny = write_tiny_imagenet(tmp_path / "imagenet", form="loc")
+    labels = tmp_path / "elsewhere" / "LOC_val_solution.csv"  # not in or above the data folder
+    labels.parent.mkdir()
+    tiny.labels.rename(labels)
+    common = ["--data-dir", str(tiny.root), "--num-workers", "1", "--page-size", str(TINY_PAGE),
+              "--cache-dir", str(tmp_path / "vc")]
+    assert main([*common, "--out", str(tmp_path / "no")]) == 2  # a flat val/ without its ground truth
+    assert "\n" not in capsys.readouterr().err.strip()
+    assert main([*common, "--out", str(tmp_path / "out"), "--val-labels", str(labels)]) == 0
+    val = check_beton(tmp_path / "out" / "val.beton")
+    expected = [WNIDS.index(wnid) for _, wnid in sorted(tiny.val_truth.items())]
+    assert beton_labels(val).tolist() == expected
 
 
 def test_page_size_fits_the_largest_raw_image():
