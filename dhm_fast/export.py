@@ -120,7 +120,7 @@ def export_run(path: str | Path, out: str | Path) -> dict:
     The written files are read back into the stock constructor, which must reproduce the trained trunk's
     outputs on a random batch; a UserError (one line) otherwise, or for a file that is not a checkpoint.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     from .config import SMALL_DATASETS
     from .provenance import provenance
@@ -142,9 +142,10 @@ def export_run(path: str | Path, out: str | Path) -> dict:
         state = {k: v.detach().contiguous() for k, v in to_stock(trunk).items()}
     except ValueError as e:
         raise UserError(f"cannot export {path}: {e}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / "model.safetensors")
-    torch.save(state, out / "model.pt")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    checkpoint.write_atomic(out / "model.safetensors", lambda f: f.write(save(state)))
+    checkpoint.save_atomic(state, out / "model.pt")
 
     side = 32 if cfg.get("dataset") in SMALL_DATASETS else int(cfg.get("image_size", 224))
     x = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
@@ -182,7 +183,7 @@ def export_run(path: str | Path, out: str | Path) -> dict:
         "files": {"safetensors": "model.safetensors", "state_dict": "model.pt"},
         "checked": f"outputs equal {call} loaded from both files, on a random batch of {tuple(x.shape)}",
     }
-    (out / "model.json").write_text(json.dumps(card, indent=2))
+    checkpoint.write_atomic(out / "model.json", lambda f: f.write(json.dumps(card, indent=2).encode()))
     return card
 
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         card = export_run(args.checkpoint, args.out)
-    except (UserError, ValueError) as e:
+    except (UserError, ValueError, OSError) as e:  # OSError: an output folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {card['architecture']} ({card['method']}) to {args.out}: model.safetensors, model.pt, "

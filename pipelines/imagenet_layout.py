@@ -23,6 +23,7 @@ import struct
 import sys
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,37 +217,38 @@ def _matrix(body: bytes):
 
 # --- extracting the training tars -----------------------------------------------------------------
 
-def extract_train(source: Path, out: Path) -> list[str]:
+def extract_train(source: Path, out: Path) -> Iterator[tuple[str, int]]:
     """Extract every per-class tar (from the outer ILSVRC2012_img_train.tar or from a folder of them) into
-    out/<wnid>/; a class whose folder exists is skipped, so an interrupted run simply resumes."""
-    done = []
+    out/<wnid>/, yielding (wnid, files) as each class completes; a class whose folder exists is skipped,
+    so an interrupted run simply resumes."""
     if source.is_dir():
         for tar_path in sorted(source.glob("*.tar")):
             with open(tar_path, "rb") as f:
-                done += _extract_class(tar_path.name, f, out)
-        return done
+                yield from _extract_class(tar_path.name, f, out)
+        return
     with tarfile.open(source, mode="r|") as outer:  # streamed: one pass over 140 GB
         for member in outer:
             if member.isfile() and member.name.endswith(".tar"):
-                done += _extract_class(Path(member.name).name, outer.extractfile(member), out)
-    return done
+                yield from _extract_class(Path(member.name).name, outer.extractfile(member), out)
 
 
-def _extract_class(tar_name: str, fileobj: io.BufferedIOBase, out: Path) -> list[str]:
+def _extract_class(tar_name: str, fileobj: io.BufferedIOBase, out: Path) -> Iterator[tuple[str, int]]:
     wnid = tar_name[:-4]
     final = out / wnid
     if final.is_dir():
-        return []
+        return
     partial = out / f".{wnid}.partial"  # renamed when complete: a half-written class never looks done
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    files = 0
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for m in tar:
             if m.isfile():  # plain names only: nothing lands outside the class folder
                 with open(partial / Path(m.name).name, "wb") as f:
                     shutil.copyfileobj(tar.extractfile(m), f)
+                files += 1
     os.replace(partial, final)
-    return [wnid]
+    yield wnid, files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,12 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {source} does not exist", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent / "train")
+    done = 0
     try:
-        done = extract_train(source, out)
+        for wnid, files in extract_train(source, out):  # a line per class: ImageNet's 1000 take a while
+            done += 1
+            print(f"[{done}] {wnid}: {files} files", flush=True)
     except (OSError, tarfile.TarError) as e:
         print(f"error: {source}: {e}", file=sys.stderr)
         return 2
-    print(f"extracted {len(done)} class(es) into {out}")
+    print(f"extracted {done} class(es) into {out}")
     return 0
 
 

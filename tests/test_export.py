@@ -181,6 +181,8 @@ def test_the_paper_resnets_and_timm_models_export_too(tmp_path, capsys, arch, in
     x = torch.randn(2, in_channels, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(stock.eval()(x), model.eval()(x), rtol=0, atol=0)
+    # written atomically: the three files and no temporary left behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.json", "model.pt", "model.safetensors"]
     card = json.loads((tmp_path / "out" / "model.json").read_text())
     assert card["stock_constructor"] == call and card["command"] is None  # a checkpoint without provenance
     assert card["final_val_accuracy"] is None and card["exported_checkpoint"]["epochs_trained"] == 5
@@ -197,6 +199,9 @@ def test_unmappable_architectures_and_other_files_are_one_line_and_exit_2(tmp_pa
         code, _, err = _export(capsys, file, "--out", tmp_path / "out")
         assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+    _, good = _checkpoint(tmp_path, "resnet18")
+    code, _, err = _export(capsys, good, "--out", junk)
+    assert code == 2 and f"--out {junk} is a file" in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------------------- from_release

@@ -104,6 +104,8 @@ def test_training_tars_are_named_then_extracted_by_one_command(tmp_path, outer):
     args = [sys.executable, "-m", "pipelines.imagenet_layout", "extract-train", str(source), "--out", str(train_dir)]
     done = subprocess.run(args, capture_output=True, text=True, check=True)
     assert "extracted 3 class(es)" in done.stdout
+    assert [line.split(": ") for line in done.stdout.splitlines()[:3]] == [[f"[{i + 1}] {w}", "4 files"]
+                                                                          for i, w in enumerate(WNIDS)]
     train, _ = scan_imagefolder(data.root, cache_dir=tmp_path / "c")
     assert sorted(Path(f).name for f in train.files) == sorted(f"{w}_{i}.JPEG" for w in IDS for i in range(4))
     again = subprocess.run(args, capture_output=True, text=True, check=True)  # already done: nothing to redo
