@@ -24,10 +24,10 @@ from dhm_fast.models.reid_nets import SPECS as REID_ARCHS
 from dhm_fast.sampling import PER_CHOICES
 from dhm_fast.schedules import LR_SCHEDULES, RAMP_SHAPES
 from pipelines import BACKENDS
+from pipelines.backend_choice import SMALL_DATASETS
 from pipelines.reid import REID_DATASETS
 
 DEFAULT_RECIPE = "fashion-mnist-resnet20"
-SMALL_DATASETS = ("fashion-mnist", "cifar10", "cifar100")
 DATASETS = (*SMALL_DATASETS, "imagenet", *REID_DATASETS)
 OPTIMIZERS = ("sgd", "amsgrad")
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
