@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from pipelines.base import LoaderConfig
 from pipelines.memory import MemoryLoader
@@ -89,8 +91,9 @@ def parse_split(folder: Path, dataset: str, strict: bool, left_out: tuple[int, .
     return out
 
 
-def decode(split: ReidSplit, size: tuple[int, int], strict: bool, threads: int) -> torch.Tensor:
-    """uint8 [N, 3, height, width] of the split's images; files that fail are dropped from the split."""
+def decode(split: ReidSplit, size: tuple[int, int], strict: bool, threads: int, show: bool = False) -> torch.Tensor:
+    """uint8 [N, 3, height, width] of the split's images; files that fail are dropped from the split.
+    `show`: a progress bar (Market's 32k images take a minute or two on a few cores)."""
 
     def load(path: str) -> np.ndarray | str:
         try:
@@ -100,7 +103,8 @@ def decode(split: ReidSplit, size: tuple[int, int], strict: bool, threads: int) 
             return f"cannot decode ({type(e).__name__}: {e})"
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(load, split.files))
+        results = list(tqdm(pool.map(load, split.files), total=len(split.files), file=sys.stdout, leave=False,
+                            desc=f"decoding {Path(split.files[0]).parent.name}", mininterval=2.0, disable=not show))
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     for i, r in enumerate(results):
         if isinstance(r, str):
@@ -125,12 +129,13 @@ def create_reid_loaders(config: LoaderConfig) -> tuple[MemoryLoader, MemoryLoade
     size, threads = (config.image_size, config.image_size // 2), resolve_num_workers(config.num_workers)
     train = parse_split(root / SPLITS[0], config.dataset, config.strict_data, left_out=(JUNK, DISTRACTOR))
     query, gallery = (parse_split(root / s, config.dataset, config.strict_data) for s in SPLITS[1:])
-    train_images = decode(train, size, config.strict_data, threads)
+    show = config.rank == 0
+    train_images = decode(train, size, config.strict_data, threads, show)
     identities = sorted(set(train.pids))
     relabel = {pid: i for i, pid in enumerate(identities)}
     labels = torch.tensor([relabel[p] for p in train.pids])
-    query_images = decode(query, size, config.strict_data, threads)
-    gallery_images = decode(gallery, size, config.strict_data, threads)
+    query_images = decode(query, size, config.strict_data, threads, show)
+    gallery_images = decode(gallery, size, config.strict_data, threads, show)
     common = dict(batch_size=config.batch_size, device=config.device, seed=config.seed,
                   channels_last=config.channels_last, num_classes=len(identities))
     train_loader = MemoryLoader(ArraySplit(train_images, labels), MEAN, STD, train=True, rank=config.rank,
