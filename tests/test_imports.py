@@ -119,3 +119,11 @@ def test_each_package_imports_alone_without_the_packages_above_it(package):
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert not loaded & set(above), f"importing {package} loaded {sorted(loaded & set(above))}"
+
+
+def test_the_command_line_starts_without_torchvision_models():
+    # torchvision.models takes about a second to import: --help and a refused flag must not pay for it.
+    code = "import sys, train, dhm_fast.cli; print(sorted(m for m in sys.modules if m.startswith('torchvision')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -16,25 +16,31 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .branching import Branch, BranchedNet, init_weights
 
-Block = type[BasicBlock] | type[Bottleneck]
-
-# name -> (block, trunk blocks per stage, branch_layers [[a, b], [c]])
-SPECS: dict[str, tuple[Block, list[int], list[list[int]]]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2], [[1, 2], [2]]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3], [[3, 2], [3]]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3], [[3, 2], [3]]),
-    "resnet101": (Bottleneck, [3, 4, 23, 3], [[12, 2], [3]]),
-    "resnet152": (Bottleneck, [3, 8, 36, 3], [[18, 2], [3]]),
+# name -> (torchvision block, trunk blocks per stage, branch_layers [[a, b], [c]])
+SPECS: dict[str, tuple[str, list[int], list[list[int]]]] = {
+    "resnet18": ("BasicBlock", [2, 2, 2, 2], [[1, 2], [2]]),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3], [[3, 2], [3]]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3], [[3, 2], [3]]),
+    "resnet101": ("Bottleneck", [3, 4, 23, 3], [[12, 2], [3]]),
+    "resnet152": ("Bottleneck", [3, 8, 36, 3], [[18, 2], [3]]),
 }
+
+
+def block_class(name: str) -> type[nn.Module]:
+    """torchvision's ``BasicBlock`` or ``Bottleneck``, imported when a model is built: importing
+    torchvision.models takes about a second, which `train.py --help` and a refused flag need not pay."""
+    from torchvision.models import resnet
+
+    return getattr(resnet, name)
+
 
 AUX1_PLANES = 1024  # the deep branch is a layer4 of twice the usual width
 
 
-def make_stage(block: Block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+def make_stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """A torchvision ``layerN``: projection shortcut (1x1 conv + BN) on the first block when needed."""
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
@@ -52,7 +58,7 @@ class ImageNetResNet(BranchedNet):
 
     def __init__(
         self,
-        block: Block,
+        block_name: str,
         layers: list[int],
         branch_layers: list[list[int]],
         num_classes: int = 1000,
@@ -60,6 +66,7 @@ class ImageNetResNet(BranchedNet):
         with_branches: bool = True,
     ):
         super().__init__()
+        block = block_class(block_name)
         exp = block.expansion
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

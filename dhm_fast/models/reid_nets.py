@@ -20,13 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v2
-from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.models.resnet import Bottleneck
-from torchvision.ops.misc import Conv2dNormActivation
 
 from .branching import Branch, BranchedNet, global_pool, init_weights
-from .imagenet_resnet import AUX1_PLANES, ImageNetResNet
+from .imagenet_resnet import AUX1_PLANES, ImageNetResNet, block_class
 
 SPECS = ("reid_resnet50", "reid_mobilenetv2")
 NEW_LAYERS = ("head", "aux1", "aux2")  # everything else is the trunk
@@ -69,12 +65,13 @@ class FreezableTrunk(BranchedNet):
 
 class ReidResNet50(FreezableTrunk, ImageNetResNet):
     def __init__(self, num_classes: int, in_channels: int, with_branches: bool) -> None:
-        super().__init__(Bottleneck, [3, 4, 6, 3], [[3, 2], [3]], num_classes, in_channels, with_branches)
+        super().__init__("Bottleneck", [3, 4, 6, 3], [[3, 2], [3]], num_classes, in_channels, with_branches)
         del self.fc, self.avgpool
-        self.head = ReidHead(512 * Bottleneck.expansion, num_classes)
+        expansion = block_class("Bottleneck").expansion
+        self.head = ReidHead(512 * expansion, num_classes)
         if with_branches:
-            self.aux1.fc = ReidHead(AUX1_PLANES * Bottleneck.expansion, num_classes)
-            self.aux2.fc = ReidHead(512 * Bottleneck.expansion, num_classes)
+            self.aux1.fc = ReidHead(AUX1_PLANES * expansion, num_classes)
+            self.aux2.fc = ReidHead(512 * expansion, num_classes)
 
     def forward_main(self, x: Tensor) -> Tensor:
         return self.head(global_pool(x))
@@ -82,11 +79,15 @@ class ReidResNet50(FreezableTrunk, ImageNetResNet):
 
 def inverted_residuals(channels: Sequence[int], stride: int) -> nn.Sequential:
     """MobileNetV2 blocks (expansion 6) through `channels`; the first block has the stride."""
+    from torchvision.models.mobilenetv2 import InvertedResidual  # torchvision.models: imported when building
+
     return nn.Sequential(*(InvertedResidual(a, b, stride if i == 0 else 1, 6)
                            for i, (a, b) in enumerate(zip(channels, channels[1:], strict=False))))
 
 
-def conv1x1(inp: int, out: int) -> Conv2dNormActivation:
+def conv1x1(inp: int, out: int) -> nn.Module:
+    from torchvision.ops.misc import Conv2dNormActivation
+
     return Conv2dNormActivation(inp, out, kernel_size=1, activation_layer=nn.ReLU6)
 
 
@@ -94,6 +95,9 @@ class ReidMobileNetV2(FreezableTrunk):
     SHALLOW, DEEP = 6, 13  # fork after these blocks of `features`: ends of the stride-8 and stride-16 stages
 
     def __init__(self, num_classes: int, in_channels: int, with_branches: bool) -> None:
+        from torchvision.models import mobilenet_v2
+        from torchvision.ops.misc import Conv2dNormActivation
+
         super().__init__()
         self.features = mobilenet_v2().features  # torchvision's names and init; ends with a 1x1 conv to 1280
         if in_channels != 3:
