@@ -264,12 +264,20 @@ class LossConfig:
         return loss, LossStats(ce=stats[:h], kl=stats[h : h + h * h].view(h, h), correct=stats[h + h * h :])
 
 
-@functools.lru_cache(maxsize=512)
 def _step_constants(
     config: LossConfig, active: tuple[bool, ...], device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The active heads' CE weights and KL weight matrix, and where their stats go among all H heads'
-    (None when every head is active), as tensors on `device`. Made once per pattern and device."""
+    (None when every head is active), as tensors on `device`. Eager: made once per pattern and device.
+    Compiled: traced into the graph as constants (Dynamo would ignore an lru_cache, and warn)."""
+    if torch.compiler.is_compiling():
+        return _make_step_constants(config, active, device)
+    return _cached_step_constants(config, active, device)
+
+
+def _make_step_constants(
+    config: LossConfig, active: tuple[bool, ...], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
     h = len(active)
     ce_w, kl_w = mimic_weights(h, config.method, config.direction, active, config.ce_weights, config.kl_weights)
     idx = [i for i in range(h) if active[i]]
@@ -280,6 +288,9 @@ def _step_constants(
     # Compact stats [ce (n), kl (n*n), correct (n)] -> positions in the full [ce (H), kl (H*H), correct (H)].
     where = idx + [h + i * h + j for i in idx for j in idx] + [h + h * h + i for i in idx]
     return ce_t, kl_t, torch.tensor(where, dtype=torch.long, device=device)
+
+
+_cached_step_constants = functools.lru_cache(maxsize=512)(_make_step_constants)
 
 
 def dhm_loss(

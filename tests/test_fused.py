@@ -433,6 +433,7 @@ def test_opcheck(dtype, requires_grad):
 
 
 @needs_ext
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # constants traced, not cached
 def test_torch_compile_fullgraph_on_cpu():
     torch._dynamo.reset()
 
