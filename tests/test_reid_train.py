@@ -31,7 +31,7 @@ def check_epoch_record(out_dir, heads: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize(("recipe", "method"), [("market1501-mobilenetv2", "dhm"), ("dukemtmc-mobilenetv2", "dsl"),
-                                                 ("dukemtmc-resnet50", "baseline")])
+                                                 ("dukemtmc-resnet50", "baseline"), ("market1501-resnet50", "dhm")])
 def test_a_recipe_trains_on_the_generated_set_and_evaluates(recipe, method, tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = train(["--recipe", recipe, "--method", method, "--quick", "--out", str(out), *TINY], capsys)
