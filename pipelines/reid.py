@@ -93,7 +93,7 @@ def parse_split(folder: Path, dataset: str, strict: bool, left_out: tuple[int, .
 
 def decode(split: ReidSplit, size: tuple[int, int], strict: bool, threads: int, show: bool = False) -> torch.Tensor:
     """uint8 [N, 3, height, width] of the split's images; files that fail are dropped from the split.
-    `show`: a progress bar (Market's 32k images take a minute or two on a few cores)."""
+    `show`: a progress bar (Market-1501 alone holds some 32k JPEGs)."""
 
     def load(path: str) -> np.ndarray | str:
         try:
