@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,9 +113,18 @@ def test_unknown_arch_message_lists_choices():
         assert name in str(err.value)
 
 
+def test_a_meta_device_build_draws_no_init_values():
+    # Meta tensors hold no values: drawing them ran a decomposition that imported torch._dynamo (seconds).
+    code = ("import sys, torch\nfrom dhm_fast.models import create_model\n"
+            "with torch.device('meta'):\n    create_model('resnet110', 10)\nprint('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "False", result.stderr[-2000:]
+
+
 @functools.cache
 def _meta_model(arch: str, classes: int, method: str = "dhm") -> nn.Module:
-    """A model on the meta device (no memory, no values): built once, it takes seconds for resnet1202."""
+    """A model on the meta device (no memory, no values), built once."""
     with torch.device("meta"):
         return create_model(arch, classes, method=method)
 

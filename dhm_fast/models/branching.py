@@ -42,6 +42,9 @@ def init_weights(module: nn.Module) -> None:
     ``normal(0, sqrt(2 / (k*k*out_channels)))`` of the CIFAR references is exactly kaiming fan_out.
     Linear layers keep PyTorch's default init, as in both references.
     """
+    first = next(module.parameters(), None)
+    if first is not None and first.is_meta:  # shapes only (FLOP counts, export's skeleton): nothing to draw,
+        return  # and meta normal_ runs a slow decomposition that imports torch._dynamo
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
