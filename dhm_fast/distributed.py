@@ -219,5 +219,5 @@ def is_dist_error(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
         s in text for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer",
-                            "Timed out waiting", "ProcessGroup")
+                            "Timed out waiting", "ProcessGroup", "caused pair closure")
     )

@@ -398,3 +398,16 @@ def test_compile_makes_one_graph_per_branch_pattern_also_around_ddp(data_dir, tm
         assert all(n == graphs for n in per_pattern.values()), per_pattern  # compiled once per pattern
         if nproc == 1:
             assert graphs == 1 and saved["frames"] == len(patterns), saved
+
+
+@pytest.mark.parametrize(("message", "is_peer_failure"), [
+    ("Application timeout caused pair closure", True),  # gloo, a hung peer during DDP's backward all-reduce
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500", True),
+    ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv "
+     "operation to complete", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("mat1 and mat2 shapes cannot be multiplied (4x512 and 256x10)", False),
+])
+def test_peer_failures_are_told_from_other_runtime_errors(message, is_peer_failure):
+    assert distributed.is_dist_error(RuntimeError(message)) is is_peer_failure
+    assert not distributed.is_dist_error(ValueError(message))
