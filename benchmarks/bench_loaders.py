@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import environment, figure, option, parse_settings
+from benchmarks.common import cli, environment, figure, option, output_folder, parse_settings
 from pipelines import LoaderConfig, create_loaders
 from pipelines.small_datasets import STATS
 
@@ -197,10 +197,13 @@ class LoaderBenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_settings(LoaderBenchConfig, "benchmarks.bench_loaders", __doc__, argv)
+    return cli(lambda: run(args, argv))
+
+
+def run(args: LoaderBenchConfig, argv: list[str] | None) -> None:
     num_images = args.images or (400 if args.quick else 2000)
     seconds = args.seconds or (4.0 if args.quick else 20.0)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out_dir, "--out-dir")
     # One torch thread in the main process: the loaders work in their own workers, and on a busy 2-core
     # machine a second OpenMP thread here stalled batch-level ops (a 600 KB copy measured 20x slower).
     torch.set_num_threads(1)
@@ -221,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, out_dir / "loaders.png")
     print(json.dumps(report["speedup_vs_torchvision"], indent=2))
     print(f"wrote {out_dir / 'loaders.json'} and {out_dir / 'loaders.png'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def run(args: LossBenchConfig, argv: list[str] | None) -> None:
     common.check(args)
+    common.output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.process_device(args.device, distributed.World())
@@ -183,7 +184,6 @@ def run(args: LossBenchConfig, argv: list[str] | None) -> None:
     meta = {**common.environment(device, "benchmarks.bench_loss", argv), "dtype": args.dtype,
             "threads": torch.get_num_threads(), "repeats": repeats, "fused_backend": backend.reason,
             "temperature": TEMPERATURE, "alpha": ALPHA, "eps": EPS}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loss_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(rows, args.out / "loss_bench.png", f"DHM loss, {meta['device_name']}, {args.dtype}, {meta['threads']} threads")
     print(f"wrote {args.out / 'loss_bench.json'} and {args.out / 'loss_bench.png'}")

@@ -65,6 +65,8 @@ def torchreid_rank_module():
 
 def run(cfg: ReidEvalBench, argv: list[str] | None) -> dict:
     check(cfg)
+    if cfg.out and cfg.out.is_dir():
+        raise ValueError(f"--out {cfg.out} is a folder; name the JSON file to write")
     device = torch.device(cfg.device)
     rank = torchreid_rank_module()
     query, gallery, q_ids, g_ids, q_cams, g_cams = synthetic_set(cfg)

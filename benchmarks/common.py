@@ -150,11 +150,21 @@ def check(settings: Any) -> None:
             raise ValueError(f"--{f.name.replace('_', '-')} must be at least {meta['ge']}, got {value}")
 
 
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as a folder, made if missing. Called before any measurement: a bad --out loses no work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def cli(run: Callable[[], object]) -> int:
-    """Exit status of `run()`: bad input (ValueError, a missing file, UserError) is one line and 2."""
+    """Exit status of `run()`: bad input (ValueError, UserError, a file that cannot be read or written) is
+    one line and 2."""
     try:
         run()
-    except (ValueError, FileNotFoundError, UserError) as err:
+    except (ValueError, OSError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -371,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in parts:
             print(f"{p.name:<15} {p.limit_s:>4.0f} s  {p.what}")
         return 0
-    report = run_check(parts, args.out.resolve())
+    out = args.out.resolve()
+    if out.exists() and not out.is_dir():  # benchmarks.common has this check, but it imports torch
+        print(f"error: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
+    report = run_check(parts, out)
     report["command"] = shlex.join(["python", "-m", "benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)])
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(format_table(report))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from benchmarks import flops as flopcount
 from benchmarks import throughput_report as report
-from benchmarks.common import check, cli, device_name, log, option, parse_settings, sync
+from benchmarks.common import check, cli, device_name, log, option, output_folder, parse_settings, sync
 from benchmarks.flops import Pattern
 from dhm_fast import distributed, precision
 from dhm_fast.config import TrainConfig
@@ -269,8 +269,7 @@ def run(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(str(err).replace("--amp", "--precision")) from None
     precision.apply(speed)
     autocast = precision.autocast_factory(speed, device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(cfg.out)
 
     loader, batches = endless(cfg, device)
     images, _ = next(batches)

@@ -369,3 +369,23 @@ def test_cost_from_throughput_json(quick_result, tmp_path):
         cost.from_throughput_json(str(bad), "dhm")
     with pytest.raises(ValueError, match="no variant"):
         cost.from_throughput_json(str(out / "throughput.json"), "nope")
+
+
+def test_an_output_that_is_a_file_is_one_line_and_exit_2_before_any_measurement(tmp_path, capsys):
+    from benchmarks import bench_loaders, bench_loss, bench_reid_eval, gpu_check
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for main, argv, message in (
+        (throughput.main, quick_args(afile), f"--out {afile} is a file, not a folder"),
+        (bench_loss.main, ["--quick", "--out", str(afile)], f"--out {afile} is a file, not a folder"),
+        (bench_loaders.main, ["--quick", "--out-dir", str(afile)], f"--out-dir {afile} is a file, not a folder"),
+        (gpu_check.main, ["--out", str(afile)], f"--out {afile} is a file, not a folder"),
+        (bench_reid_eval.main, ["--queries", "4", "--gallery", "8", "--out", str(tmp_path)],
+         f"--out {tmp_path} is a folder; name the JSON file to write"),
+    ):
+        assert main(argv) == 2, argv
+        out = capsys.readouterr()
+        assert out.err.strip().splitlines() == [f"error: {message}"], out.err
+        assert "done H=" not in out.err + out.out  # nothing measured
+    assert afile.read_text() == "mine"
