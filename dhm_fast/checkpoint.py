@@ -55,7 +55,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint's contents, loaded without running any code from the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
             warnings.simplefilter("ignore", UserWarning)

@@ -283,7 +283,8 @@ def validate(cfg: TrainConfig) -> None:
         except ValueError as e:
             raise UserError(str(e)) from None
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
-        raise UserError(f"--init-weights {cfg.init_weights} does not exist")
+        raise UserError(f"--init-weights {cfg.init_weights} " + ("is a folder, not a weights file"
+                        if Path(cfg.init_weights).is_dir() else "does not exist"))
     if cfg.eval_only and not cfg.weights:
         raise UserError("--eval-only needs --weights (a checkpoint or a state dict file)")
     if (cfg.dataset in REID_DATASETS) != (cfg.arch in REID_ARCHS):

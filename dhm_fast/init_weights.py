@@ -55,7 +55,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a local weights file, by name; a UserError (one line) for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
+        raise UserError(f"weights file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     if _is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file

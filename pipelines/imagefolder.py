@@ -222,6 +222,8 @@ def scan_imagefolder(
     base = Path(root).expanduser()
     if not base.exists():
         raise FileNotFoundError(f"dataset folder {base} does not exist")
+    if not base.is_dir():
+        raise NotADirectoryError(f"--data-dir {base} is a file, not a dataset folder")
     if not os.access(base, os.R_OK | os.X_OK):
         raise PermissionError(f"cannot read dataset folder {base} (permission denied)")
     missing = [s for s in SPLITS if not (base / s).is_dir()]

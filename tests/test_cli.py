@@ -103,6 +103,19 @@ def test_out_naming_an_existing_file_is_refused(tmp_path, capsys):
     assert line == f"error: --out {target} is a file, not a folder"
 
 
+def test_a_file_where_a_folder_is_meant_and_back_is_named_so(tmp_path, capsys):
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder")
+    cases = [
+        (["--data", "imagenet", "--data-dir", str(afile)],
+         f"error: --data-dir {afile} is a file, not a dataset folder"),
+        (["--init-weights", str(tmp_path)], f"error: --init-weights {tmp_path} is a folder, not a weights file"),
+        (["--eval-only", "--weights", str(tmp_path)], f"error: weights file {tmp_path} is a folder, not a file"),
+    ]
+    for args, message in cases:
+        assert refusal(args + ["--out", str(tmp_path / "run")], capsys) == message
+
+
 def test_refusals_also_hold_for_a_real_process():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--momentum", "2", *NO_DATA],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
