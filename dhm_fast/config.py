@@ -24,7 +24,7 @@ from dhm_fast.models.reid_nets import SPECS as REID_ARCHS
 from dhm_fast.sampling import PER_CHOICES
 from dhm_fast.schedules import LR_SCHEDULES, RAMP_SHAPES
 from pipelines import BACKENDS
-from pipelines.backend_choice import SMALL_DATASETS
+from pipelines.backend_choice import NATIVE_SIDES, SMALL_DATASETS
 from pipelines.reid import REID_DATASETS
 
 DEFAULT_RECIPE = "fashion-mnist-resnet20"
@@ -299,8 +299,13 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--val-resize {cfg.val_resize} is smaller than the {crop_flag} {crop} crop")
     if cfg.res_ramp_end < cfg.res_ramp_start:
         raise UserError(f"--res-ramp-end {cfg.res_ramp_end:g} is before --res-ramp-start {cfg.res_ramp_start:g}")
-    if cfg.res_start is not None and cfg.dataset == "imagenet" and cfg.res_start > cfg.image_size:
-        raise UserError(f"--res-start {cfg.res_start} is above --image-size {cfg.image_size}, where the ramp ends")
+    if cfg.res_start is not None and cfg.dataset in REID_DATASETS:
+        raise UserError(f"--res-start: {cfg.dataset} trains at one {cfg.image_size}x{cfg.image_size // 2} size "
+                        "(progressive resizing makes square crops)")
+    end_side, end_name = ((NATIVE_SIDES[cfg.dataset], f"{cfg.dataset}'s native side") if cfg.dataset in NATIVE_SIDES
+                          else (cfg.image_size, "--image-size"))
+    if cfg.res_start is not None and cfg.res_start > end_side:
+        raise UserError(f"--res-start {cfg.res_start} is above {end_name} {end_side}, where the ramp ends")
     if cfg.res_start is not None and cfg.loader == "synthetic":
         raise UserError("--loader synthetic has no progressive resizing (--res-start)")
     if any(m > cfg.epochs for m in cfg.milestones):

@@ -122,7 +122,7 @@ def export_run(path: str | Path, out: str | Path) -> dict:
     """
     from safetensors.torch import load_file, save
 
-    from .config import SMALL_DATASETS
+    from .config import NATIVE_SIDES
     from .provenance import provenance
 
     path, out = Path(path), Path(out)
@@ -147,7 +147,7 @@ def export_run(path: str | Path, out: str | Path) -> dict:
     checkpoint.write_atomic(out / "model.safetensors", lambda f: f.write(save(state)))
     checkpoint.save_atomic(state, out / "model.pt")
 
-    side = 32 if cfg.get("dataset") in SMALL_DATASETS else int(cfg.get("image_size", 224))
+    side = NATIVE_SIDES.get(cfg.get("dataset"), int(cfg.get("image_size", 224)))
     x = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = trunk(x)

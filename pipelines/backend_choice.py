@@ -8,7 +8,9 @@ import torch
 
 from pipelines.base import LoaderConfig
 
-SMALL_DATASETS = ("fashion-mnist", "cifar10", "cifar100")
+# The datasets held in memory at their own resolution, with that side (where a resolution ramp ends).
+NATIVE_SIDES = {"fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
+SMALL_DATASETS = tuple(NATIVE_SIDES)
 
 
 def module_available(name: str) -> bool:

@@ -87,6 +87,10 @@ def refusal(args: list[str], capsys) -> str:
     (["--data", "imagenet", "--res-start", "256", "--image-size", "192"], r"--res-start 256 is above --image-size "
                                                                           r"192, where the ramp ends"),
     (["--loader", "synthetic", "--res-start", "16"], r"--loader synthetic has no progressive resizing"),
+    (["--data", "cifar10", "--res-start", "40"], r"--res-start 40 is above cifar10's native side 32, where "),
+    (["--data", "fashion-mnist", "--res-start", "32"], r"--res-start 32 is above fashion-mnist's native side 28"),
+    (["--data", "market1501", "--arch", "reid_resnet50", "--image-size", "256", "--res-start", "128"],
+     r"--res-start: market1501 trains at one 256x128 size \(progressive resizing makes square crops\)"),
     (["--no-no-decay-norm-bias"], r"unrecognized arguments: --no-no-decay-norm-bias"),
     (["--lr-schedule", "poly"], r"argument --lr-schedule: invalid choice: 'poly'"),
 ])

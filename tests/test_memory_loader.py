@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.backend_choice import NATIVE_SIDES
 from pipelines.base import Loader, LoaderConfig
 from pipelines.memory import MemoryLoader, create_memory_loaders
 from pipelines.normalize import native_crop_normalize
@@ -144,6 +145,7 @@ def test_fashion_mnist_reader_and_loaders(tmp_path):
     assert (train.num_samples, val.num_samples, train.num_classes, train.in_channels) == (48, 32, 10, 1)
     x, _ = next(iter(val))
     assert x.shape == (16, 1, 28, 28)
+    assert train.resolution == NATIVE_SIDES["fashion-mnist"]  # where config ends a resolution ramp
 
 
 def test_fashion_mnist_errors_name_the_problem(tmp_path):
@@ -172,6 +174,7 @@ def test_cifar_python_release_is_read(tmp_path):
     folder = fake_cifar10(tmp_path)
     data = load_small_dataset("cifar10", str(tmp_path))
     assert data.train.images.shape == (50, 3, 32, 32) and data.test.images.shape == (10, 3, 32, 32)
+    assert NATIVE_SIDES["cifar10"] == NATIVE_SIDES["cifar100"] == 32
     with open(folder / "test_batch", "rb") as f:
         raw = pickle.load(f)  # the test's own file: trusted
     assert torch.equal(data.test.images[3].flatten(), torch.from_numpy(raw[b"data"][3]).long().to(torch.uint8))
