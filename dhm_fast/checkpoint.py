@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import pickletools
 import random
 import tempfile
 import warnings
@@ -56,11 +57,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty")
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _imports_python_objects(path):
+            raise UserError(f"checkpoint {path} is not a PyTorch checkpoint (not in torch.save's format)") from None
         raise UserError(f"refusing to load {path}: it holds Python objects beyond tensors and plain "
                         f"containers, and unpickling it could run code{_unpickler_detail(e)}") from None
     except (RuntimeError, EOFError, OSError) as e:
@@ -68,6 +73,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dhm_fast checkpoint")
     return obj
+
+
+# The pickle opcodes that import or call Python objects: what makes unpickling a file unsafe.
+_OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _imports_python_objects(path: Path) -> bool:
+    """Whether the file is a pickle that imports Python objects, read opcode by opcode (nothing runs);
+    False for a file that is no pickle at all (a wrong or corrupt file)."""
+    try:
+        with path.open("rb") as f:
+            return any(op.name in _OBJECT_OPCODES for op, _, _ in pickletools.genops(f))
+    except Exception:  # the opcode reader stops at the first byte that is not pickle
+        return False
 
 
 def _unpickler_detail(error: Exception) -> str:

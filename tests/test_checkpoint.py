@@ -58,6 +58,30 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # one line, no advice to unpickle
 
 
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_pickle_that_would_run_code_is_refused_at_any_protocol(tmp_path, protocol):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Evil()}, protocol=protocol))
+    with pytest.raises(UserError, match="refusing to load .*evil.pt: it holds Python objects beyond tensors"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b"\xff\xd8\xff\xe0 a JPEG header", bytes(range(256)),
+                                     pickle.dumps({"plain": 1}, protocol=0)])
+def test_a_file_that_is_no_checkpoint_is_named_so_not_called_unsafe(tmp_path, content):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        checkpoint.load(path)
+    assert str(e.value) == f"checkpoint {path} is not a PyTorch checkpoint (not in torch.save's format)"
+
+
+def test_an_empty_file_is_named_empty(tmp_path):
+    (tmp_path / "last.pt").touch()
+    with pytest.raises(UserError, match=f"^checkpoint {tmp_path / 'last.pt'} is empty$"):
+        checkpoint.load(tmp_path / "last.pt")
+
+
 def test_truncated_and_missing_files_get_one_line(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save_atomic({"w": torch.randn(100)}, path)

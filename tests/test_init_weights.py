@@ -98,7 +98,7 @@ class _Evil:
     ([torch.zeros(1)], "not a dhm_fast checkpoint"),
     ({"epoch": 3}, "holds no state dict"),
     ({}, "holds no state dict"),
-    (b"not a torch file", "refusing to load|unreadable"),
+    (b"not a torch file", "is not a PyTorch checkpoint"),
     (_Evil(), "refusing to load"),
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": broken", "not a readable safetensors file"),
 ])
