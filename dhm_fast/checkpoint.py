@@ -14,6 +14,7 @@ import pickletools
 import random
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -64,7 +65,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if not _imports_python_objects(path):
+        if not _may_hold_python_objects(path):
             raise UserError(f"checkpoint {path} is not a PyTorch checkpoint (not in torch.save's format)") from None
         raise UserError(f"refusing to load {path}: it holds Python objects beyond tensors and plain "
                         f"containers, and unpickling it could run code{_unpickler_detail(e)}") from None
@@ -79,11 +80,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
 _OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
 
 
-def _imports_python_objects(path: Path) -> bool:
-    """Whether the file is a pickle that imports Python objects, read opcode by opcode (nothing runs);
-    False for a file that is no pickle at all (a wrong or corrupt file)."""
+def _may_hold_python_objects(path: Path) -> bool:
+    """Whether a file torch.load refused is torch.save's zip archive or its legacy pickle (protocol 2+),
+    or a pickle that imports Python objects (read opcode by opcode: nothing runs); False for a file
+    that is no pickle at all (a wrong or corrupt file)."""
+    if zipfile.is_zipfile(path):
+        return True
     try:
         with path.open("rb") as f:
+            if f.read(1) == pickle.PROTO:
+                return True
+            f.seek(0)
             return any(op.name in _OBJECT_OPCODES for op, _, _ in pickletools.genops(f))
     except Exception:  # the opcode reader stops at the first byte that is not pickle
         return False

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes that survive a crash, weights-only loading, clear errors."""
 
+import argparse
 import os
 import pickle
 
@@ -58,10 +59,15 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # one line, no advice to unpickle
 
 
-@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
-def test_a_pickle_that_would_run_code_is_refused_at_any_protocol(tmp_path, protocol):
+@pytest.mark.parametrize("writer", ["pickle-2", "pickle-highest", "torch.save", "torch.save-legacy"])
+def test_a_pickle_that_would_run_code_is_refused_in_any_format(tmp_path, writer):
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps({"model": Evil()}, protocol=protocol))
+    if writer.startswith("pickle"):
+        protocol = 2 if writer == "pickle-2" else pickle.HIGHEST_PROTOCOL
+        path.write_bytes(pickle.dumps({"model": Evil()}, protocol=protocol))
+    else:  # a checkpoint as many trainers write them: an argparse.Namespace beside the weights
+        torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}, path,
+                   _use_new_zipfile_serialization=writer == "torch.save")
     with pytest.raises(UserError, match="refusing to load .*evil.pt: it holds Python objects beyond tensors"):
         checkpoint.load(path)
 
