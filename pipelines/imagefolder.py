@@ -229,6 +229,16 @@ def scan_imagefolder(
     missing = [s for s in SPLITS if not (base / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"dataset folder {base} has no {' or '.join(m + '/' for m in missing)} split")
+    try:
+        return _scan_splits(base, strict, mode, cache_dir, val_labels)
+    except PermissionError as e:
+        if e.filename is None:  # already one of our one-line messages
+            raise
+        raise PermissionError(f"cannot read {e.filename} (permission denied)") from None
+
+
+def _scan_splits(base: Path, strict: bool, mode: str, cache_dir: str | Path | None,
+                 val_labels: str | None) -> tuple[ImageList, ImageList]:
     tars = imagenet_layout.train_tars_left(base / "train")
     if tars:
         raise ValueError(f"{base / 'train'} holds {len(tars)} per-class tar file(s) (e.g. {tars[0]}); extract "

@@ -87,30 +87,38 @@ def test_dataset_layout_errors_are_one_line(tmp_path, case, exc, pattern):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder: a permission error cannot happen")
-def test_unreadable_folder_is_a_one_line_error(tmp_path):
-    root = tmp_path / "d"
-    write_imagefolder(root, num_classes=1, train_per_class=1, val_per_class=1, odd_files=False)
-    os.chmod(root / "train", 0)
-    try:
-        with pytest.raises(PermissionError, match="permission denied"):
-            scan_imagefolder(root, cache_dir=tmp_path / "c")
-    finally:
-        os.chmod(root / "train", 0o755)
-
-
-def test_unreadable_class_folder_is_a_one_line_error(tmp_path, monkeypatch):
-    # Runs as root too (where chmod cannot block reading): the OS refusal is simulated.
-    root = tmp_path / "d"
-    write_imagefolder(root, num_classes=2, train_per_class=1, val_per_class=1, odd_files=False)
+def refuse_scandir(monkeypatch, folder_name_end: str) -> None:
+    """The OS refusing to list one folder, as chmod 0 does for a non-root user (root reads anything)."""
     real = os.scandir
 
     def scandir(path):
-        if str(path).endswith("class_01"):
+        if str(path).endswith(folder_name_end):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
     monkeypatch.setattr(imagefolder.os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_unreadable_folder_is_a_one_line_error(tmp_path, monkeypatch, split):
+    root = tmp_path / "d"
+    write_imagefolder(root, num_classes=1, train_per_class=1, val_per_class=1, odd_files=False)
+    if os.geteuid() == 0:
+        refuse_scandir(monkeypatch, f"/{split}")
+    else:
+        os.chmod(root / split, 0)
+    refusal = rf"^cannot read (dataset folder )?\S+/d/{split} \(permission denied\)$"
+    try:
+        with pytest.raises(PermissionError, match=refusal):
+            scan_imagefolder(root, cache_dir=tmp_path / "c")
+    finally:
+        os.chmod(root / split, 0o755)
+
+
+def test_unreadable_class_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    write_imagefolder(root, num_classes=2, train_per_class=1, val_per_class=1, odd_files=False)
+    refuse_scandir(monkeypatch, "class_01")
     with pytest.raises(PermissionError, match=r"cannot read class folder .*class_01 \(permission denied\)"):
         scan_imagefolder(root, cache_dir=tmp_path / "c")
 
