@@ -76,7 +76,11 @@ def find_root(dataset: str, data_dir: str | None) -> Path:
 def parse_split(folder: Path, dataset: str, strict: bool, left_out: tuple[int, ...] = (JUNK,)) -> ReidSplit:
     """Files with their identity and camera, identities `left_out` left out, malformed names skipped (or raised)."""
     out = ReidSplit()
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    try:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except PermissionError:
+        raise PermissionError(f"cannot read {dataset} folder {folder} (permission denied)") from None
+    for path in paths:
         match = NAMES[dataset].fullmatch(path.name)
         if match is None:
             _skip(out, str(path), f"not a {dataset} image name", strict)

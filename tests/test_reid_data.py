@@ -1,6 +1,7 @@
 """Market-1501 / DukeMTMC-reID folders: identities, cameras, junk and distractors, bad files, missing folders."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,17 @@ def test_missing_or_empty_folders_are_one_line_errors(market, tmp_path):
         loaders(None)
     with pytest.raises(ValueError, match="--loader dali does not apply"):
         loaders(tmp_path, backend="dali")
+
+
+def test_an_unreadable_split_folder_is_one_line(market, monkeypatch):
+    # Simulated: the machines here run as root, which chmod cannot stop from reading.
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "query":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(PermissionError, match=r"^cannot read market1501 folder \S+/query \(permission denied\)$"):
+        loaders(market)
