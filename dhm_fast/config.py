@@ -299,21 +299,27 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--val-resize {cfg.val_resize} is smaller than the {crop_flag} {crop} crop")
     if cfg.res_ramp_end < cfg.res_ramp_start:
         raise UserError(f"--res-ramp-end {cfg.res_ramp_end:g} is before --res-ramp-start {cfg.res_ramp_start:g}")
-    if cfg.res_start is not None and cfg.dataset in REID_DATASETS:
-        raise UserError(f"--res-start: {cfg.dataset} trains at one {cfg.image_size}x{cfg.image_size // 2} size "
-                        "(progressive resizing makes square crops)")
-    end_side, end_name = ((NATIVE_SIDES[cfg.dataset], f"{cfg.dataset}'s native side") if cfg.dataset in NATIVE_SIDES
-                          else (cfg.image_size, "--image-size"))
-    if cfg.res_start is not None and cfg.res_start > end_side:
-        raise UserError(f"--res-start {cfg.res_start} is above {end_name} {end_side}, where the ramp ends")
-    if cfg.res_start is not None and cfg.loader == "synthetic":
-        raise UserError("--loader synthetic has no progressive resizing (--res-start)")
+    if cfg.res_start is not None:
+        _check_resolution_ramp(cfg)
     if any(m > cfg.epochs for m in cfg.milestones):
         raise UserError(f"--milestones {cfg.milestones} lie beyond the {cfg.epochs} epochs of training")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a file, not a folder")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def _check_resolution_ramp(cfg: TrainConfig) -> None:
+    """--res-start against the data: a square ramp that ends at the training side, never past it."""
+    if cfg.dataset in REID_DATASETS:
+        raise UserError(f"--res-start: {cfg.dataset} trains at one {cfg.image_size}x{cfg.image_size // 2} size "
+                        "(progressive resizing makes square crops)")
+    if cfg.loader == "synthetic":
+        raise UserError("--loader synthetic has no progressive resizing (--res-start)")
+    end_side, end_name = ((NATIVE_SIDES[cfg.dataset], f"{cfg.dataset}'s native side") if cfg.dataset in NATIVE_SIDES
+                          else (cfg.image_size, "--image-size"))
+    if cfg.res_start > end_side:
+        raise UserError(f"--res-start {cfg.res_start} is above {end_name} {end_side}, where the ramp ends")
 
 
 def _check_value(value: Any, meta: dict) -> str | None:
