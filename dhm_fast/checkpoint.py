@@ -71,6 +71,10 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
                         f"containers, and unpickling it could run code{_unpickler_detail(e)}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__})") from None
+    except Exception as e:  # the weights-only unpickler fed bytes that are no pickle: IndexError, KeyError, ...
+        if _may_hold_python_objects(path):
+            raise UserError(f"checkpoint {path} is corrupt ({type(e).__name__} while reading it)") from None
+        raise UserError(f"checkpoint {path} is not a PyTorch checkpoint (not in torch.save's format)") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dhm_fast checkpoint")
     return obj

@@ -82,6 +82,23 @@ def test_a_file_that_is_no_checkpoint_is_named_so_not_called_unsafe(tmp_path, co
     assert str(e.value) == f"checkpoint {path} is not a PyTorch checkpoint (not in torch.save's format)"
 
 
+def test_any_leading_byte_gives_one_line_not_a_traceback(tmp_path):
+    # torch's weights-only unpickler reads any first byte as an opcode: text such as /etc/passwd ("r...",
+    # a memo write on an empty stack) raised a bare IndexError, "h..." a KeyError.
+    path = tmp_path / "last.pt"
+    for first in range(256):
+        path.write_bytes(bytes([first]) + b"oot:x:0:0:root:/root:/bin/bash\n")
+        with pytest.raises(UserError) as e:
+            checkpoint.load(path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value), first
+    path.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+        checkpoint.load(path)
+    path.write_bytes(pickle.PROTO + b"\x02root:x:0:0")  # starts as torch's legacy pickle does, then breaks
+    with pytest.raises(UserError, match=r"is corrupt \(IndexError while reading it\)$"):
+        checkpoint.load(path)
+
+
 def test_an_empty_file_is_named_empty(tmp_path):
     (tmp_path / "last.pt").touch()
     with pytest.raises(UserError, match=f"^checkpoint {tmp_path / 'last.pt'} is empty$"):
