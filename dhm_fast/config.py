@@ -285,6 +285,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise UserError(f"--init-weights {cfg.init_weights} " + ("is a folder, not a weights file"
                         if Path(cfg.init_weights).is_dir() else "does not exist"))
+    if cfg.data_dir and Path(cfg.data_dir).is_file():
+        raise UserError(f"--data-dir {cfg.data_dir} is a file, not a dataset folder")
     if cfg.eval_only and not cfg.weights:
         raise UserError("--eval-only needs --weights (a checkpoint or a state dict file)")
     if (cfg.dataset in REID_DATASETS) != (cfg.arch in REID_ARCHS):

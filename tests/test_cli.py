@@ -110,9 +110,10 @@ def test_out_naming_an_existing_file_is_refused(tmp_path, capsys):
 def test_a_file_where_a_folder_is_meant_and_back_is_named_so(tmp_path, capsys):
     afile = tmp_path / "a-file"
     afile.write_text("not a folder")
-    cases = [
-        (["--data", "imagenet", "--data-dir", str(afile)],
-         f"error: --data-dir {afile} is a file, not a dataset folder"),
+    cases = [(["--data", data, "--data-dir", str(afile)] + (["--arch", "reid_resnet50"] if data == "market1501" else []),
+              f"error: --data-dir {afile} is a file, not a dataset folder")
+             for data in ("imagenet", "fashion-mnist", "cifar10", "market1501")]
+    cases += [
         (["--init-weights", str(tmp_path)], f"error: --init-weights {tmp_path} is a folder, not a weights file"),
         (["--eval-only", "--weights", str(tmp_path)], f"error: weights file {tmp_path} is a folder, not a file"),
     ]
