@@ -220,16 +220,25 @@ def _matrix(body: bytes):
 def extract_train(source: Path, out: Path) -> Iterator[tuple[str, int]]:
     """Extract every per-class tar (from the outer ILSVRC2012_img_train.tar or from a folder of them) into
     out/<wnid>/, yielding (wnid, files) as each class completes; a class whose folder exists is skipped,
-    so an interrupted run simply resumes."""
+    so an interrupted run simply resumes. An unreadable tar, or a source without a single per-class tar,
+    is a ValueError naming it."""
+    found = 0
     if source.is_dir():
         for tar_path in sorted(source.glob("*.tar")):
+            found += 1
             with open(tar_path, "rb") as f:
                 yield from _extract_class(tar_path.name, f, out)
-        return
-    with tarfile.open(source, mode="r|") as outer:  # streamed: one pass over 140 GB
-        for member in outer:
-            if member.isfile() and member.name.endswith(".tar"):
-                yield from _extract_class(Path(member.name).name, outer.extractfile(member), out)
+    else:
+        try:
+            with tarfile.open(source, mode="r|") as outer:  # streamed: one pass over 140 GB
+                for member in outer:
+                    if member.isfile() and member.name.endswith(".tar"):
+                        found += 1
+                        yield from _extract_class(Path(member.name).name, outer.extractfile(member), out)
+        except tarfile.TarError as e:
+            raise ValueError(f"not a readable tar ({e})") from None
+    if not found:
+        raise ValueError("no per-class .tar files in it (give train/ or ILSVRC2012_img_train.tar)")
 
 
 def _extract_class(tar_name: str, fileobj: io.BufferedIOBase, out: Path) -> Iterator[tuple[str, int]]:
@@ -241,12 +250,15 @@ def _extract_class(tar_name: str, fileobj: io.BufferedIOBase, out: Path) -> Iter
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     files = 0
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for m in tar:
-            if m.isfile():  # plain names only: nothing lands outside the class folder
-                with open(partial / Path(m.name).name, "wb") as f:
-                    shutil.copyfileobj(tar.extractfile(m), f)
-                files += 1
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for m in tar:
+                if m.isfile():  # plain names only: nothing lands outside the class folder
+                    with open(partial / Path(m.name).name, "wb") as f:
+                        shutil.copyfileobj(tar.extractfile(m), f)
+                    files += 1
+    except tarfile.TarError as e:  # name the broken class tar, not just the source
+        raise ValueError(f"{tar_name} is not a readable tar ({e})") from None
     os.replace(partial, final)
     yield wnid, files
 
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         for wnid, files in extract_train(source, out):  # a line per class: ImageNet's 1000 take a while
             done += 1
             print(f"[{done}] {wnid}: {files} files", flush=True)
-    except (OSError, tarfile.TarError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {source}: {e}", file=sys.stderr)
         return 2
     print(f"extracted {done} class(es) into {out}")

@@ -112,6 +112,27 @@ def test_training_tars_are_named_then_extracted_by_one_command(tmp_path, outer):
     assert "extracted 0 class(es)" in again.stdout
 
 
+def test_extract_train_names_what_it_cannot_extract(tmp_path):
+    def refusal(source):
+        result = subprocess.run([sys.executable, "-m", "pipelines.imagenet_layout", "extract-train", str(source)],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "extracted" not in result.stdout, (result.stdout, result.stderr)
+        return result.stderr.strip()
+
+    data = write_tiny_imagenet(tmp_path / "in", form="loc", train_tars=True)
+    # the dataset root instead of its train/: nothing extracted is an error, not "extracted 0 class(es)"
+    assert refusal(data.root) == (f"error: {data.root}: no per-class .tar files in it "
+                                  "(give train/ or ILSVRC2012_img_train.tar)")
+    broken = data.root / "train" / f"{WNIDS[1]}.tar"
+    broken.write_bytes(b"\0" * 100)
+    assert refusal(data.root / "train") == (f"error: {data.root / 'train'}: {WNIDS[1]}.tar is not a readable tar "
+                                            "(truncated header)")
+    assert (data.root / "train" / WNIDS[0]).is_dir() and not (data.root / "train" / WNIDS[1]).exists()
+    outer = tmp_path / "ILSVRC2012_img_train.tar"
+    outer.write_bytes(b"not a tar at all")
+    assert refusal(outer).startswith(f"error: {outer}: not a readable tar (")
+
+
 def test_a_devkit_near_a_class_folder_subset_is_left_alone_unless_named(tmp_path):
     data = write_tiny_imagenet(tmp_path / "in", form="devkit")
     for name, wnid in data.val_truth.items():  # val/<wnid>/ folders, as a prepared subset has them
