@@ -110,7 +110,8 @@ def test_out_naming_an_existing_file_is_refused(tmp_path, capsys):
 def test_a_file_where_a_folder_is_meant_and_back_is_named_so(tmp_path, capsys):
     afile = tmp_path / "a-file"
     afile.write_text("not a folder")
-    cases = [(["--data", data, "--data-dir", str(afile)] + (["--arch", "reid_resnet50"] if data == "market1501" else []),
+    arch = {"market1501": ["--arch", "reid_resnet50"]}
+    cases = [(["--data", data, "--data-dir", str(afile), *arch.get(data, [])],
               f"error: --data-dir {afile} is a file, not a dataset folder")
              for data in ("imagenet", "fashion-mnist", "cifar10", "market1501")]
     cases += [
