@@ -25,6 +25,7 @@ from dhm_fast.sampling import PER_CHOICES
 from dhm_fast.schedules import LR_SCHEDULES, RAMP_SHAPES
 from pipelines import BACKENDS
 from pipelines.backend_choice import NATIVE_SIDES, SMALL_DATASETS
+from pipelines.base import dataset_folder
 from pipelines.reid import REID_DATASETS
 
 DEFAULT_RECIPE = "fashion-mnist-resnet20"
@@ -285,8 +286,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.init_weights and not Path(cfg.init_weights).is_file():
         raise UserError(f"--init-weights {cfg.init_weights} " + ("is a folder, not a weights file"
                         if Path(cfg.init_weights).is_dir() else "does not exist"))
-    if cfg.data_dir and Path(cfg.data_dir).is_file():
-        raise UserError(f"--data-dir {cfg.data_dir} is a file, not a dataset folder")
+    if cfg.data_dir:
+        try:  # a file named as the folder: refused before anything is built
+            dataset_folder(cfg.data_dir)
+        except NotADirectoryError as e:
+            raise UserError(str(e)) from None
     if cfg.eval_only and not cfg.weights:
         raise UserError("--eval-only needs --weights (a checkpoint or a state dict file)")
     if (cfg.dataset in REID_DATASETS) != (cfg.arch in REID_ARCHS):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -80,6 +81,15 @@ class LoaderConfig:
     synthetic_shape: tuple[int, int, int] = (3, 224, 224)
     synthetic_classes: int = 1000
     synthetic_batches: int = 100
+
+
+def dataset_folder(data_dir: str | Path) -> Path:
+    """`--data-dir` as a path; NotADirectoryError when it names a file (every loader would otherwise report
+    the files it expected inside it as missing)."""
+    path = Path(data_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--data-dir {path} is a file, not a dataset folder")
+    return path
 
 
 def check_labels(labels, num_classes: int, name_of: Callable[[int], str]) -> None:

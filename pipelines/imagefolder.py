@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from pipelines import imagenet_layout
-from pipelines.base import LoaderConfig
+from pipelines.base import LoaderConfig, dataset_folder
 from pipelines.sharding import subset_indices
 
 log = logging.getLogger(__name__)
@@ -219,11 +219,9 @@ def scan_imagefolder(
     ImageNet's flat folder, labelled by `val_labels` or by the ground truth found near `root`."""
     if root is None:
         raise ValueError("--data-dir is required for an ImageFolder dataset (a folder with train/ and val/)")
-    base = Path(root).expanduser()
+    base = dataset_folder(root)
     if not base.exists():
         raise FileNotFoundError(f"dataset folder {base} does not exist")
-    if not base.is_dir():
-        raise NotADirectoryError(f"--data-dir {base} is a file, not a dataset folder")
     if not os.access(base, os.R_OK | os.X_OK):
         raise PermissionError(f"cannot read dataset folder {base} (permission denied)")
     missing = [s for s in SPLITS if not (base / s).is_dir()]

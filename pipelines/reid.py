@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipelines.base import LoaderConfig
+from pipelines.base import LoaderConfig, dataset_folder
 from pipelines.memory import MemoryLoader
 from pipelines.small_datasets import ArraySplit
 from pipelines.workers import resolve_num_workers
@@ -64,7 +64,7 @@ class ReidSplit:
 def find_root(dataset: str, data_dir: str | None) -> Path:
     if data_dir is None:
         raise ValueError(f"--data-dir is required for {dataset} (a folder with {', '.join(SPLITS)})")
-    root = Path(data_dir).expanduser()
+    root = dataset_folder(data_dir)
     nested = root / RELEASE_FOLDERS[dataset]
     root = nested if nested.is_dir() else root
     missing = [s for s in SPLITS if not (root / s).is_dir()]

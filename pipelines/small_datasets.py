@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipelines.base import check_labels
+from pipelines.base import check_labels, dataset_folder
 
 DEFAULT_DIRS = {
     "fashion-mnist": "/usr/share/datasets/fashion-mnist",  # Debian's dataset-fashion-mnist
@@ -56,7 +56,7 @@ class ArrayDataset:
 
 def resolve_data_dir(dataset: str, data_dir: str | None) -> Path:
     if data_dir:
-        return Path(data_dir)
+        return dataset_folder(data_dir)
     if dataset in DEFAULT_DIRS:
         return Path(DEFAULT_DIRS[dataset])
     raise FileNotFoundError(f"--data-dir is required for dataset {dataset!r}")

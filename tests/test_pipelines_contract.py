@@ -298,3 +298,19 @@ def test_default_workers_share_the_cores_of_the_node(monkeypatch, cores, local, 
 def test_negative_worker_count_is_refused(dataset, cache_dir):
     with pytest.raises(ValueError, match="--num-workers must be >= 0"):
         folder_loaders("torchvision", dataset, cache_dir, num_workers=-1)
+
+
+def test_every_dataset_reader_refuses_a_file_named_as_its_folder(tmp_path):
+    # The benchmarks and ffcv_convert reach the readers without train.py's up-front check.
+    from pipelines.imagefolder import scan_imagefolder
+    from pipelines.reid import find_root
+    from pipelines.small_datasets import load_small_dataset
+
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder")
+    message = f"^--data-dir {afile} is a file, not a dataset folder$"
+    for read in (lambda: scan_imagefolder(str(afile)), lambda: find_root("market1501", str(afile)),
+                 lambda: load_small_dataset("fashion-mnist", str(afile)),
+                 lambda: load_small_dataset("cifar10", str(afile))):
+        with pytest.raises(NotADirectoryError, match=message):
+            read()
