@@ -17,16 +17,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+# Only torch-free modules here: `train.py --help` and `--list-recipes` must not import torch (1.4 s).
+from dhm_fast.catalog import ARCH_CHOICES, DIRECTIONS, METHODS, PER_CHOICES, REID_ARCHS, is_backbone
 from dhm_fast.errors import UserError
-from dhm_fast.losses import DIRECTIONS, METHODS
-from dhm_fast.models import ARCH_CHOICES, backbones
-from dhm_fast.models.reid_nets import SPECS as REID_ARCHS
-from dhm_fast.sampling import PER_CHOICES
 from dhm_fast.schedules import LR_SCHEDULES, RAMP_SHAPES
 from pipelines import BACKENDS
-from pipelines.backend_choice import NATIVE_SIDES, SMALL_DATASETS
 from pipelines.base import dataset_folder
-from pipelines.reid import REID_DATASETS
+from pipelines.datasets import NATIVE_SIDES, REID_DATASETS, SMALL_DATASETS
 
 DEFAULT_RECIPE = "fashion-mnist-resnet20"
 DATASETS = (*SMALL_DATASETS, "imagenet", *REID_DATASETS)
@@ -278,7 +275,9 @@ def validate(cfg: TrainConfig) -> None:
             problem = _check_value(item, f.metadata)
             if problem:
                 raise UserError(f"{flag_name(name)} {problem}")
-    if backbones.is_backbone(cfg.arch) or cfg.fork_at:
+    if is_backbone(cfg.arch) or cfg.fork_at:
+        from dhm_fast.models import backbones
+
         try:
             backbones.check(cfg.arch, cfg.fork_at.split(",") if cfg.fork_at else None, cfg.method != "baseline")
         except ValueError as e:

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from dhm_fast.catalog import DIRECTIONS, METHODS
 
 FUSED_OP = "fused_loss"
-METHODS = ("baseline", "dsl", "dks", "dhm")
-DIRECTIONS = ("both", "top-down", "bottom-up")
 _LOG = logging.getLogger(__name__)
 
 

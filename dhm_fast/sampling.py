@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-PER_CHOICES = ("step", "epoch")
+from dhm_fast.catalog import PER_CHOICES
 
 
 class BranchSampler:

@@ -7,10 +7,7 @@ import importlib.util
 import torch
 
 from pipelines.base import LoaderConfig
-
-# The datasets held in memory at their own resolution, with that side (where a resolution ramp ends).
-NATIVE_SIDES = {"fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
-SMALL_DATASETS = tuple(NATIVE_SIDES)
+from pipelines.datasets import NATIVE_SIDES, SMALL_DATASETS  # noqa: F401 - NATIVE_SIDES: also this module's API
 
 
 def module_available(name: str) -> bool:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import numpy as np
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: `train.py --help` imports this module, and not torch
+    from torch import Tensor
 
 
 @runtime_checkable
@@ -95,6 +95,8 @@ def dataset_folder(data_dir: str | Path) -> Path:
 def check_labels(labels, num_classes: int, name_of: Callable[[int], str]) -> None:
     """ValueError naming the first sample whose label is outside [0, num_classes): such a label would
     otherwise reach a CUDA kernel as a device-side assert. `name_of(i)` names sample i (file or index)."""
+    import numpy as np  # here: `train.py --help` imports this module and need not pay for numpy
+
     values = np.asarray(labels)
     bad = np.flatnonzero((values < 0) | (values >= num_classes))
     if len(bad):

@@ -31,13 +31,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.base import LoaderConfig, dataset_folder
+from pipelines.datasets import REID_DATASETS  # noqa: F401 - also this module's API
 from pipelines.memory import MemoryLoader
 from pipelines.small_datasets import ArraySplit
 from pipelines.workers import resolve_num_workers
 
 log = logging.getLogger(__name__)
 
-REID_DATASETS = ("market1501", "dukemtmc")
 RELEASE_FOLDERS = {"market1501": "Market-1501-v15.09.15", "dukemtmc": "DukeMTMC-reID"}
 NAMES = {
     "market1501": re.compile(r"(-1|\d{4})_c(\d)s\d_\d{6}_\d{2}\.jpg"),

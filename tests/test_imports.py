@@ -127,3 +127,20 @@ def test_the_command_line_starts_without_torchvision_models():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("flag", ["--help", "--list-recipes"])
+def test_help_and_the_recipe_list_import_neither_torch_nor_torchvision(flag):
+    # Both answer from the declarations alone (dhm_fast/config.py, catalog.py): torch's import is 1.4 s.
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['train.py', {flag!r}]\n"
+            "try:\n"
+            "    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert ("--arch" if flag == "--help" else "fashion-mnist-resnet20") in result.stdout
+    assert lines[-1] == "[]", f"train.py {flag} imported {lines[-1]}"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..catalog import ARCH_CHOICES  # MODEL_NAMES, and for `in` also every tv:NAME / timm:NAME
 from . import backbones, cifar_resnet, densenet, imagenet_resnet, reid_nets, wrn
 from .branching import HEAD_NAMES, METHODS, Branch, BranchedNet, check_method, is_branch_key
 
@@ -37,20 +38,10 @@ for _module in (imagenet_resnet, cifar_resnet, wrn, densenet, reid_nets):
     for _name in _module.SPECS:
         _BUILDERS[_name] = _module.build
 
-MODEL_NAMES: tuple[str, ...] = tuple(sorted(_BUILDERS))
+MODEL_NAMES: tuple[str, ...] = tuple(sorted(_BUILDERS))  # = catalog.MODEL_NAMES
 IMAGENET_ARCHS: tuple[str, ...] = tuple(sorted(imagenet_resnet.SPECS))
 
 _BUILD_ARGS = ("arch", "num_classes", "in_channels", "with_branches")
-
-
-class _ArchNames(tuple):
-    """The paper's names, and also (for ``in``) every ``tv:NAME`` / ``timm:NAME`` (checked when built)."""
-
-    def __contains__(self, name: object) -> bool:
-        return super().__contains__(name) or (isinstance(name, str) and backbones.is_backbone(name))
-
-
-ARCH_CHOICES: tuple[str, ...] = _ArchNames(MODEL_NAMES)
 
 
 def create_model(

@@ -28,15 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..catalog import is_backbone  # noqa: F401 - also this module's API (tv:/timm: prefixes)
 from .branching import Branch, BranchedNet, init_weights
 
-PREFIXES = ("tv:", "timm:")
 STOCK_PREFIX = "trunk."
 PROBE_SIZE = 224  # shapes and stages are read at this input side (the resolution the models were designed for)
-
-
-def is_backbone(name: str) -> bool:
-    return name.startswith(PREFIXES)
 
 
 def _timm():

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-METHODS: tuple[str, ...] = ("baseline", "dsl", "dks", "dhm")
+from ..catalog import METHODS
+
 HEAD_NAMES: tuple[str, ...] = ("main", "aux1", "aux2")
 BRANCH_PREFIXES: tuple[str, ...] = ("aux1.", "aux2.")
 

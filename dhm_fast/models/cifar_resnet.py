@@ -17,16 +17,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalog import CIFAR_RESNETS
 from .branching import Branch, BranchedNet, global_pool, init_weights
 
-# name -> (n blocks per stage, branch_layers [[a, b], [c]])
-SPECS: dict[str, tuple[int, list[list[int]]]] = {
-    # The family's smallest member; branches follow resnet34's ImageNet pattern (the demo model).
-    "resnet20": (3, [[3, 2], [3]]),
-    "resnet32": (5, [[5, 3], [5]]),
-    "resnet110": (18, [[9, 9], [18]]),
-    "resnet1202": (200, [[100, 100], [200]]),
-}
+# name -> (n blocks per stage, branch_layers [[a, b], [c]]); the table is in dhm_fast/catalog.py,
+# torch-free, so that --help lists the names without importing torch.
+SPECS = CIFAR_RESNETS
 
 WIDTHS = (16, 32, 64)
 AUX1_WIDTH = 128

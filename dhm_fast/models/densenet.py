@@ -22,14 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalog import DENSENETS
 from .branching import Branch, BranchedNet, global_pool, init_weights
 
-# name -> (bottleneck, depth, growth, compression, branch_layers [[a, b], [c]])
-SPECS: dict[str, tuple[bool, int, int, float, list[list[int]]]] = {
-    "densenet_40_12": (False, 40, 12, 1.0, [[12, 6], [12]]),
-    "densenet_100_12": (False, 100, 12, 1.0, [[16, 16], [32]]),
-    "densenet_bc_100_12": (True, 100, 12, 0.5, [[16, 16], [32]]),
-}
+# name -> (bottleneck, depth, growth, compression, branch_layers [[a, b], [c]]); the table is in
+# dhm_fast/catalog.py, torch-free, so that --help lists the names without importing torch.
+SPECS = DENSENETS
 
 AUX1_GROWTH_FACTOR = 3
 BOTTLENECK_WIDTH = 4  # a BC layer's 1x1 conv outputs 4x the growth rate

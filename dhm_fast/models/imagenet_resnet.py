@@ -17,16 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..catalog import IMAGENET_RESNETS
 from .branching import Branch, BranchedNet, init_weights
 
-# name -> (torchvision block, trunk blocks per stage, branch_layers [[a, b], [c]])
-SPECS: dict[str, tuple[str, list[int], list[list[int]]]] = {
-    "resnet18": ("BasicBlock", [2, 2, 2, 2], [[1, 2], [2]]),
-    "resnet34": ("BasicBlock", [3, 4, 6, 3], [[3, 2], [3]]),
-    "resnet50": ("Bottleneck", [3, 4, 6, 3], [[3, 2], [3]]),
-    "resnet101": ("Bottleneck", [3, 4, 23, 3], [[12, 2], [3]]),
-    "resnet152": ("Bottleneck", [3, 8, 36, 3], [[18, 2], [3]]),
-}
+# name -> (torchvision block, trunk blocks per stage, branch_layers [[a, b], [c]]); the table is in
+# dhm_fast/catalog.py, torch-free, so that --help lists the names without importing torch.
+SPECS = IMAGENET_RESNETS
 
 
 def block_class(name: str) -> type[nn.Module]:

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..catalog import REID_ARCHS
 from .branching import Branch, BranchedNet, global_pool, init_weights
 from .imagenet_resnet import AUX1_PLANES, ImageNetResNet, block_class
 
-SPECS = ("reid_resnet50", "reid_mobilenetv2")
+SPECS = REID_ARCHS  # declared in dhm_fast/catalog.py (torch-free, for --help)
 NEW_LAYERS = ("head", "aux1", "aux2")  # everything else is the trunk
 
 

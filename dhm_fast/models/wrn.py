@@ -19,13 +19,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalog import WIDE_RESNETS
 from .branching import Branch, BranchedNet, global_pool, init_weights
 
-# name -> (depth, widening factor, branch_layers [[a, b], [c]])
-SPECS: dict[str, tuple[int, int, list[list[int]]]] = {
-    "wrn_16_8": (16, 8, [[2, 1], [2]]),
-    "wrn_28_10": (28, 10, [[4, 2], [4]]),
-}
+# name -> (depth, widening factor, branch_layers [[a, b], [c]]); the table is in dhm_fast/catalog.py,
+# torch-free, so that --help lists the names without importing torch.
+SPECS = WIDE_RESNETS
 
 
 class WideBlock(nn.Module):
