@@ -171,6 +171,22 @@ def cuda_tests_part(ctx: Context) -> dict[str, Any]:
     return {"status": "passed", "summary": summary, "counts": counts}
 
 
+def kernel_matrix_part(ctx: Context) -> dict[str, Any]:
+    """The fused op's CUDA kernels on the agreement matrix (dhm_fast.kernel_agreement) against its CPU
+    kernel on the same inputs: what tests/test_cuda_emu.py checks under the CUDA execution model on the
+    CPU, here on the GPU, so one run confirms or refutes the model's verdict."""
+    import kernels
+    from dhm_fast import kernel_agreement
+
+    op = kernels.op("fused_loss")
+    rows = kernel_agreement.compare_ops(op, "cuda", op)
+    (ctx.out / "kernel_matrix.json").write_text(json.dumps(rows, indent=2))
+    bad = [r["case"] for r in rows if not r["agrees"]]
+    summary = (f"{len(rows) - len(bad)}/{len(rows)} cases agree with the CPU op"
+               + (f"; first disagreeing: {', '.join(bad[:3])}" if bad else ""))
+    return {"status": "failed" if bad else "passed", "summary": summary, "cases": rows}
+
+
 def summarise_loss_bench(results: dict[str, dict]) -> str:
     """One line from bench_loss's JSON per dtype: the fused op's best bytes/s and share of peak bandwidth."""
     def one(rows: list[dict]) -> str:
@@ -298,6 +314,7 @@ def backbone_export_part(ctx: Context) -> dict[str, Any]:
 
 PARTS = (
     Part("setup", setup_part, 240, "build kernels._C in place for this GPU (no network)"),
+    Part("kernel_matrix", kernel_matrix_part, 60, "the CUDA kernels vs the CPU op on the agreement matrix"),
     Part("cuda_tests", cuda_tests_part, 100, "pytest -m cuda"),
     Part("loss_bench", loss_bench_part, 75, "benchmarks.bench_loss on the GPU: bytes/s vs memory bandwidth"),
     Part("throughput", throughput_part, 120, "resnet50 224 bf16 channels_last, baseline vs DHM: time vs FLOPs"),

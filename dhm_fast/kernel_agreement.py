@@ -161,9 +161,25 @@ def disagreement(result, reference, dtype: str, slack: float = 1.0) -> dict[str,
         # float32 rounding of those terms is the error to allow.
         scale = max(max(float(g.double().abs().max()) for g in ref_grads), 1.0 / ref_grads[0].shape[0])
         floor = 2.0**-24 if dtype == "float16" else 0.0
-        report["grads"] = max(worst(g, r, grad_rtol, tol * scale + floor) for g, r in zip(grads, ref_grads, strict=True))
+        atol = tol * scale + floor
+        report["grads"] = max(worst(g, r, grad_rtol, atol) for g, r in zip(grads, ref_grads, strict=True))
     return report
 
 
 def agrees(report: dict[str, float]) -> bool:
     return all(v <= 1.0 for v in report.values())
+
+
+def compare_ops(candidate, device: str | torch.device, baseline, cases_to_run: list[Case] | None = None) -> list[dict]:
+    """One row per case: `candidate` on `device` against `baseline` on the CPU, same inputs, in
+    multiples of the allowed error (`agrees` when every entry is <= 1)."""
+    rows = []
+    for case in cases_to_run if cases_to_run is not None else all_cases():
+        report = disagreement(run(candidate, case, device), run(baseline, case, "cpu"), case.dtype, slack=2.0)
+        rows.append({"case": case.name, **report, "agrees": agrees(report)})
+    return rows
+
+
+def all_cases() -> list[Case]:
+    """The matrix, then every setting on a warp-per-row and a block-per-row shape."""
+    return cases() + method_cases((4, 6, 100)) + method_cases((3, 2, 1000))

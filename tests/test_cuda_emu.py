@@ -13,10 +13,10 @@ import os
 
 import pytest
 import torch
+from cuda_emu import build
 from test_fused import assert_matches, reference64
 
 import kernels
-from cuda_emu import build
 from dhm_fast import kernel_agreement as agreement
 
 # Emulated devices: their opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -78,6 +78,20 @@ def test_cuda_kernels_match_cpu_op_and_float64_reference(emu, cpu_op, case):
     dtype = getattr(torch, case.dtype)
     loss, stats, grads = out  # float16's gradient is kept in float32 until backward casts it
     assert_matches(loss, stats, [g.to(dtype) for g in grads], reference(case), dtype)
+
+
+def test_the_gpu_checks_comparison_sees_a_wrong_kernel(emu, cpu_op):
+    # benchmarks.gpu_check's kernel_matrix part, with the emulated kernels in the GPU's place: they
+    # agree, and a loss 1% (+ 0.01) off does not.
+    emu.configure(H100, "forward", 0)
+    some = agreement.all_cases()[::9]
+    assert all(row["agrees"] for row in agreement.compare_ops(emu.fused_loss, "cpu", cpu_op, some))
+
+    def off(*args):
+        loss, stats, grads = emu.fused_loss(*args)
+        return loss * 1.01 + 0.01, stats, grads
+
+    assert not any(row["agrees"] for row in agreement.compare_ops(off, "cpu", cpu_op, some))
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 100), (3, 2, 1000)], ids=["warp-rows", "block-rows"])
