@@ -152,8 +152,8 @@ class TrainConfig:
     channels_last: bool | None = setting(None, "channels-last memory format (default: on for CUDA, off on the "
                                          "CPU)", 4)
     compile: bool = setting(False, "torch.compile the model", 4)
-    deterministic: bool = setting(False, "deterministic algorithms (bitwise-reproducible runs and resumes on "
-                                  "the CPU)", 4)
+    deterministic: bool = setting(False, "deterministic algorithms (bitwise-reproducible runs and resumes; on "
+                                  "CUDA it sets CUBLAS_WORKSPACE_CONFIG=:4096:8 unless that is :16:8)", 4)
     seed: int = setting(0, "random seed", 4, ge=0)
     out: str = setting("runs/default", "output folder (checkpoints, logs, curves); re-running into it resumes",
                        4, recipe=False)

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import dhm_fast.reid_eval as reid
-from dhm_fast import checkpoint, distributed, precision, resolution, telemetry
+from dhm_fast import checkpoint, determinism, distributed, precision, resolution, telemetry
 from dhm_fast.config import TrainConfig, flag_name
 from dhm_fast.engine import NonFiniteLoss, Progress, evaluate, step_parts, train_one_epoch
 from dhm_fast.errors import UserError
@@ -95,6 +95,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int, device: to
 class Run:
     def __init__(self, cfg: TrainConfig) -> None:
         self.out = Path(cfg.out)
+        determinism.prepare(cfg.deterministic)  # before CUDA starts
         self.world, self.device = distributed.init(cfg.device, cfg.dist_timeout)
         if cfg.sync_bn:
             distributed.check_sync_bn(self.device)  # before any data is loaded
@@ -433,6 +434,7 @@ def evaluate_weights(cfg: TrainConfig) -> dict:
     Under torchrun each process evaluates its shard of the validation set and the counts are summed.
     """
     state = read_weights(cfg.weights)  # safetensors or a weights-only torch file; a bad one fails before the data
+    determinism.prepare(cfg.deterministic)  # before CUDA starts
     world, device = distributed.init(cfg.device, cfg.dist_timeout)
     speed = precision.choose(cfg.amp, cfg.channels_last, device, cfg.deterministic)
     cfg = dataclasses.replace(cfg, amp=speed.amp, channels_last=speed.channels_last)

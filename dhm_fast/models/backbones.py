@@ -16,6 +16,9 @@ The generic branch (the paper's ResNets keep their own): per factor of 2 between
 the trunk's last stage, one 3x3 convolution of stride 2 + BatchNorm + ReLU at the fork's width (at least
 one, of stride 1 when the fork is already at the last resolution), then global pooling and a linear
 classifier. `branch_summary` reports its width, depth and FLOPs next to the trunk's.
+
+The stock network's adaptive average pools (VGG's to 7x7, AlexNet's to 6x6) run as `adaptive_avg_pool2d`
+below: under --deterministic their CUDA backward would raise.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Callable, Sequence
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -172,6 +176,41 @@ def generic_branch(arch: str, fork: str, num_classes: int) -> Branch:
     return branch
 
 
+def _window_means(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """[n_out, n_in]: row i averages adaptive pooling's window i, inputs floor(i*n_in/n_out) to
+    ceil((i+1)*n_in/n_out) - 1."""
+    i = torch.arange(n_out, device=like.device)[:, None]
+    j = torch.arange(n_in, device=like.device)
+    inside = (j >= i * n_in // n_out) & (j < ((i + 1) * n_in + n_out - 1) // n_out)
+    return (inside / inside.sum(1, keepdim=True)).to(like.dtype)
+
+
+def adaptive_avg_pool2d(x: Tensor, output_size: int | tuple[int | None, int | None]) -> Tensor:
+    """F.adaptive_avg_pool2d; with deterministic algorithms on and a backward to come, as two products with
+    averaging matrices, whose CUDA backward is deterministic (adaptive_avg_pool2d's raises). A 1x1 pool
+    needs neither: PyTorch computes it as a mean."""
+    h, w = x.shape[-2:]
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    oh, ow = oh or h, ow or w
+    if (oh, ow) == (1, 1) or not (torch.are_deterministic_algorithms_enabled() and x.requires_grad):
+        return F.adaptive_avg_pool2d(x, output_size)
+    return _window_means(h, oh, x) @ x @ _window_means(w, ow, x).T
+
+
+class DeterministicAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d through `adaptive_avg_pool2d`: no parameters, so state dicts stay stock."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return adaptive_avg_pool2d(x, self.output_size)
+
+
+def deterministic_pools(trunk: nn.Module) -> None:
+    """Swap the traced trunk's adaptive average pools (leaf modules of its graph, called by name)."""
+    for name, module in list(trunk.named_modules()):
+        if type(module) is nn.AdaptiveAvgPool2d:
+            trunk.set_submodule(name, DeterministicAdaptiveAvgPool2d(module.output_size))
+
+
 class BackboneNet(BranchedNet):
     """A stock torchvision/timm network under ``trunk``, with generic ``aux1``/``aux2`` branches."""
 
@@ -193,6 +232,7 @@ class BackboneNet(BranchedNet):
             self.forks = fork_points(arch, fork_at)
             nodes = {self.forks[0]: "shallow", self.forks[1]: "deep", **nodes}
         self.trunk = create(stock, return_nodes=nodes)
+        deterministic_pools(self.trunk)
         if with_branches:
             self.set_branches(generic_branch(arch, self.forks[1], num_classes),
                               generic_branch(arch, self.forks[0], num_classes))

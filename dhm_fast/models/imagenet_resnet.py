@@ -14,11 +14,10 @@ Release names map as ``layer3_head2 -> aux2.layer3``, ``layer4_head1 -> aux1.lay
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..catalog import IMAGENET_RESNETS
-from .branching import Branch, BranchedNet, init_weights
+from .branching import Branch, BranchedNet, global_pool, init_weights
 
 # name -> (torchvision block, trunk blocks per stage, branch_layers [[a, b], [c]]); the table is in
 # dhm_fast/catalog.py, torch-free, so that --help lists the names without importing torch.
@@ -72,7 +71,6 @@ class ImageNetResNet(BranchedNet):
         self.layer2 = make_stage(block, 64 * exp, 128, layers[1], 2)
         self.layer3 = make_stage(block, 128 * exp, 256, layers[2], 2)
         self.layer4 = make_stage(block, 256 * exp, 512, layers[3], 2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * exp, num_classes)
 
         if with_branches:
@@ -99,7 +97,7 @@ class ImageNetResNet(BranchedNet):
         return shallow, deep, self.layer4(deep)
 
     def forward_main(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(global_pool(x))  # torchvision's avgpool, as a mean (branching.global_pool)
 
 
 def build(arch: str, num_classes: int, in_channels: int, with_branches: bool) -> ImageNetResNet:

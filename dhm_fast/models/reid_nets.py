@@ -67,7 +67,7 @@ class FreezableTrunk(BranchedNet):
 class ReidResNet50(FreezableTrunk, ImageNetResNet):
     def __init__(self, num_classes: int, in_channels: int, with_branches: bool) -> None:
         super().__init__("Bottleneck", [3, 4, 6, 3], [[3, 2], [3]], num_classes, in_channels, with_branches)
-        del self.fc, self.avgpool
+        del self.fc
         expansion = block_class("Bottleneck").expansion
         self.head = ReidHead(512 * expansion, num_classes)
         if with_branches:
