@@ -154,6 +154,16 @@ at::Tensor block_sum(const at::Tensor& in) {
   return out;
 }
 
+// dhm_row.h's row_exp/row_log on float32 values, as the kernels here call them (its device path).
+at::Tensor row_math(const at::Tensor& x, bool log) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "contiguous float32");
+  at::Tensor out = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) o[i] = log ? dhm::row_log(in[i]) : dhm::row_exp(in[i]);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -165,5 +175,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest", &selftest, "run a self-test kernel", py::arg("name"), py::arg("a") = 0, py::arg("b") = 0,
         py::arg("c") = 0);
   m.def("shuffle_bits", &shuffle_bits, "__shfl_down_sync(full, v, 1) of 32 values");
+  m.def("row_math", &row_math, "dhm_row.h's row_exp (log=False) or row_log (log=True) on float32");
   m.def("block_sum", &block_sum, "shared-memory tree sum per block of 256");
 }
