@@ -240,7 +240,6 @@ struct SymbolTable {
   std::map<uintptr_t, std::string> functions;            // load address -> mangled name
   std::vector<std::pair<std::string, Elf64_Sym>> tls;    // thread-local objects
   uintptr_t base = 0;
-  const char* path = nullptr;
 };
 
 inline int find_module(struct dl_phdr_info* info, size_t, void* data) {
