@@ -7,7 +7,10 @@ Val: resize the shorter side to val_resize, centre crop val_size (default image_
 Workers are persistent (started once, reused every epoch), prefetch `PREFETCH` batches each, and
 produce uint8 tensors, pinned when training on CUDA; normalisation and channels-last happen on the
 training device, on whole batches. A file that fails to decode at run time (validation only reads
-headers by default) is dropped from its batch and reported, never replaced by another sample.
+headers by default) is reported; in training it is replaced by the next decodable file of this process's
+shard in the epoch's order (the same for any worker count), so that every process still runs the same number
+of steps (under DDP a process one step short leaves the others waiting until --dist-timeout). In
+validation it is dropped from its batch: every sample counts once.
 """
 
 from __future__ import annotations
@@ -29,20 +32,23 @@ from pipelines.base import LoaderConfig, check_labels
 from pipelines.imagefolder import ImageList, scan_dataset
 from pipelines.normalize import Normalizer
 from pipelines.sharding import epoch_indices, num_batches, shard_size
-from pipelines.workers import resolve_num_workers
+from pipelines.workers import leave_stopping_to_the_trainer, resolve_num_workers
 
 PREFETCH = 4  # batches in flight per worker
 
 log = logging.getLogger(__name__)
 
 Sample = tuple[Tensor | None, int, tuple[str, str] | None]
+# (file index, augmentation draws, output side, (epoch, position in the shard)); val: (index, None, None, None)
+Item = tuple[int, np.ndarray | None, int | None, tuple[int, int] | None]
 
 
 class ImageListDataset(Dataset):
-    """Decodes the validated files of one split; a decode failure yields (None, label, (path, why)).
+    """Decodes the validated files of one split; a decode failure is reported as (path, why) with the sample:
+    (None, label, failure) in validation, a replacement's (image, label, failure) in training.
 
-    Indexed by (file index, that sample's augmentation draws and output side, or None for val), as
-    EpochSampler yields: the side travels with the index, so persistent workers follow a resolution schedule.
+    Indexed by Item, as EpochSampler yields: the side travels with the index, so persistent workers follow a
+    resolution schedule, and the position in the shard with it, so a replacement is found in any worker.
     """
 
     def __init__(self, images: ImageList, config: LoaderConfig) -> None:
@@ -51,29 +57,55 @@ class ImageListDataset(Dataset):
         self.crop = TrainCrop.from_config(config)
         self.val_ops = T.Compose([T.Resize(config.val_resize, antialias=True),
                                   T.CenterCrop(config.val_size or config.image_size)])
+        self.rank, self.world_size, self.seed = config.rank, config.world_size, config.seed
+        self._shard: tuple[int, np.ndarray] | None = None  # (epoch, this process's training indices)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, np.ndarray | None, int | None]) -> Sample:
-        index, draws, size = item
-        path = self.files[index]
+    def _decode(self, index: int) -> tuple[Tensor | None, str | None]:
         try:
-            with Image.open(path) as img:
+            with Image.open(self.files[index]) as img:
                 rgb = img.convert("RGB")  # grayscale, CMYK, palette PNGs -> 3 channels
         except (OSError, SyntaxError, ValueError) as e:
-            return None, self.labels[index], (path, f"cannot decode at load time ({type(e).__name__}: {e})")
-        image = F.pil_to_tensor(rgb)
+            return None, f"cannot decode at load time ({type(e).__name__}: {e})"
+        return F.pil_to_tensor(rgb), None
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        if self._shard is None or self._shard[0] != epoch:  # drawn once per epoch and worker, on a failure only
+            self._shard = epoch, epoch_indices(len(self.files), rank=self.rank, world_size=self.world_size,
+                                               shuffle=True, seed=self.seed, epoch=epoch)
+        return self._shard[1]
+
+    def _replacement(self, epoch: int, position: int) -> tuple[int, Tensor]:
+        """The first decodable sample after `position` in this process's shard of `epoch`, wrapping round."""
+        order = self._shard_order(epoch)
+        for step in range(1, len(order)):
+            index = int(order[(position + step) % len(order)])
+            image, _ = self._decode(index)
+            if image is not None:
+                return index, image
+        raise ValueError(f"no file of this process's training shard ({len(order)} files) decodes")
+
+    def __getitem__(self, item: Item) -> Sample:
+        index, draws, size, where = item
+        image, why = self._decode(index)
+        failure = None if image is not None else (self.files[index], why)
+        if image is None and where is None:
+            return None, self.labels[index], failure
+        if image is None:
+            index, image = self._replacement(*where)
         if draws is None:
-            return self.val_ops(image), self.labels[index], None
+            return self.val_ops(image), self.labels[index], failure
         top, left, h, w = self.crop.box(draws, image.shape[1], image.shape[2])
         image = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         if flipped(draws):
             image = F.horizontal_flip(image)
-        return image, self.labels[index], None
+        return image, self.labels[index], failure
 
 
 def collate(samples: list[Sample]) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+    """Stack the decoded samples (replacements included); list every failure for the report."""
     good = [(x, y) for x, y, _ in samples if x is not None]
     bad = [b for _, _, b in samples if b is not None]
     if not good:
@@ -81,10 +113,10 @@ def collate(samples: list[Sample]) -> tuple[Tensor, Tensor, list[tuple[str, str]
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
-class EpochSampler(Sampler[list[tuple[int, np.ndarray | None, int | None]]]):
+class EpochSampler(Sampler[list[Item]]):
     """This process's shard of the dataset for the current epoch (see pipelines.sharding), batch by batch,
-    each index with its augmentation draws and output side (train) or None, None (val). Read in the main
-    process at each epoch's start, so batch size and side may change between epochs."""
+    each index with its augmentation draws, output side and place in the shard (train) or Nones (val). Read
+    in the main process at each epoch's start, so batch size and side may change between epochs."""
 
     def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int, batch_size: int,
                  size: int, drop_last: bool) -> None:
@@ -97,17 +129,18 @@ class EpochSampler(Sampler[list[tuple[int, np.ndarray | None, int | None]]]):
         n = shard_size(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train)
         return max(0, num_batches(n, self.batch_size, self.drop_last) - self.start_batch)
 
-    def __iter__(self) -> Iterator[list[tuple[int, np.ndarray | None, int | None]]]:
+    def __iter__(self) -> Iterator[list[Item]]:
         epoch, start, self.start_batch = self.epoch, self.start_batch, 0  # a resumed epoch starts mid-way once
         idx = epoch_indices(self.n, rank=self.rank, world_size=self.world_size, shuffle=self.train,
                             seed=self.seed, epoch=epoch)
         for b in range(start, num_batches(len(idx), self.batch_size, self.drop_last)):
             chunk = idx[b * self.batch_size:(b + 1) * self.batch_size].tolist()
             if not self.train:
-                yield [(i, None, None) for i in chunk]
+                yield [(i, None, None, None) for i in chunk]
                 continue
             draws = batch_draws(self.seed, epoch, self.rank, b, self.batch_size)
-            yield [(i, d, self.size) for i, d in zip(chunk, draws, strict=False)]
+            yield [(i, d, self.size, (epoch, b * self.batch_size + j))
+                   for j, (i, d) in enumerate(zip(chunk, draws, strict=False))]
 
 
 class TorchvisionLoader:
@@ -146,6 +179,7 @@ class TorchvisionLoader:
             generator=torch.Generator().manual_seed(0),
             persistent_workers=workers > 0,
             prefetch_factor=PREFETCH if workers > 0 else None,
+            worker_init_fn=leave_stopping_to_the_trainer,  # a preempted trainer still gets its batches
         )
 
     def __len__(self) -> int:
@@ -175,7 +209,7 @@ class TorchvisionLoader:
         for images, labels, bad in self._loader:
             if bad:
                 self._report(bad)
-            if len(labels) == 0:
+            if len(labels) == 0:  # validation only: a training sample is replaced
                 continue
             images = images.to(self.device, non_blocking=non_blocking)
             yield self.normalize(images), labels.to(self.device, non_blocking=non_blocking)
