@@ -13,6 +13,16 @@ at each epoch's start).
 Batches leave FFCV as uint8 channels-last views (ToDevice first on CUDA) and are normalised here on
 the device with torch, which needs no cupy and no per-pixel JIT loop on the CPU.
 
+Held batches (--grad-accum holds several at once): FFCV 1.0.2 writes each batch into one of
+batches_ahead + 2 buffer slots and may refill a batch's slot as soon as it has handed out the next one,
+so only the latest batch it returned is safe to read. Every batch is therefore copied (normalised into a
+new tensor, labels cloned) before FFCV is asked for the next. On CUDA, FFCV orders a slot's refill, the
+host-to-device copy included, after the work of the stream current when the epoch's iterator was made,
+but writes its pinned host buffers without waiting for that copy: on the trainer's stream a copy could
+wait behind the model's steps while FFCV's thread decoded a later batch into its source (the trainer
+pulls all of a step's micro-batches before any compute). The loader therefore runs FFCV and the copies
+on a stream of its own, which carries nothing else (docs/data.md, "FFCV and held batches").
+
 Order and sharding follow pipelines.sharding, like every other backend: same permutation per
 (seed, epoch), val sees each sample exactly once across processes. FFCV's own `distributed=True`
 (a DistributedSampler) is therefore not used: it pads val with duplicates; ranks come from the
@@ -24,6 +34,7 @@ checked against the number of classes once, when the file is opened, from the fi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -133,6 +144,21 @@ class _EpochOrder(TraversalOrder):
         return self.indices[idx]
 
 
+def _on(stream: torch.cuda.Stream | None):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _hand_over(stream: torch.cuda.Stream | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Tensors made on the loader's stream, ready for the current one (which waits for them; their memory
+    is not reused before its work is done)."""
+    if stream is not None:
+        current = torch.cuda.current_stream(stream.device)
+        current.wait_stream(stream)
+        for t in tensors:
+            t.record_stream(current)
+    return tensors
+
+
 class FfcvLoader:
     """FFCV loader honouring the `pipelines.base.Loader` contract."""
 
@@ -186,6 +212,7 @@ class FfcvLoader:
                                   shuffle=train, seed=config.seed)
         self._loader.traversal_order = self._order
         self._loader.first_traversal_order = self._order.sample_order(0)
+        self._stream: torch.cuda.Stream | None = None  # on CUDA: FFCV's and the copies' (see the module docstring)
 
     def __len__(self) -> int:  # batches in a whole epoch, also when resuming mid-epoch
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
@@ -210,18 +237,27 @@ class FfcvLoader:
         if len(self) == 0 or len(self._order.sample_order(self.epoch)) == 0:
             self._order.skip = 0
             return
+        stream = self._own_stream()
         threads = torch.get_num_threads()
-        epoch_iter = iter(self._loader)
+        with _on(stream):  # FFCV orders the refill of its buffers after this stream's work
+            epoch_iter = iter(self._loader)
         torch.set_num_threads(threads)
         self._order.skip = 0  # a resumed epoch starts mid-way once only
         non_blocking = self.device.type == "cuda"
         for images, labels in epoch_iter:
-            if images.device != self.device:
-                images = images.to(self.device, non_blocking=non_blocking)
-                labels = labels.to(self.device, non_blocking=non_blocking)
-            # normalize() writes a fresh tensor: FFCV reuses its buffers for later batches. Squeeze()
-            # leaves a batch of one label 0-d: reshape it back to [1].
-            yield self.normalize(images), labels.long().reshape(-1).clone()
+            with _on(stream):
+                if images.device != self.device:
+                    images = images.to(self.device, non_blocking=non_blocking)
+                    labels = labels.to(self.device, non_blocking=non_blocking)
+                # Copies, before FFCV is asked for the next batch (once it hands that out, it refills this one's slot).
+                # Squeeze() leaves a batch of one label 0-d: reshape it back to [1].
+                images, labels = self.normalize(images), labels.long().reshape(-1).clone()
+            yield _hand_over(stream, images, labels)
+
+    def _own_stream(self) -> torch.cuda.Stream | None:
+        if self.device.type == "cuda" and self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     def close(self) -> None:
         self._loader = None
