@@ -1,8 +1,9 @@
 """Checkpoints that survive crashes and refuse to run code.
 
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over the
-target (atomic on POSIX), so a crash mid-write leaves the previous checkpoint intact. Loading always
-uses `weights_only=True`: a pickle that would execute code is refused with a clear message.
+target (atomic on POSIX), so a crash mid-write leaves the previous checkpoint intact and a failed write
+(a full disk) leaves no temporary file. Loading always uses `weights_only=True`: a pickle that would
+execute code is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from dhm_fast.errors import UserError
+from dhm_fast.errors import UserError, WriteError
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -32,18 +33,32 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call write(file) on a temporary file beside path, fsync it, then rename it over path."""
+    """Call write(file) on a temporary file beside path, fsync it, then rename it over path.
+
+    Any OSError (a full disk, a lost mount) becomes a WriteError naming path and the cause; the
+    temporary file is removed and path keeps its previous content.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as raw:
+            f = _KeepsWriteErrors(raw)
+            try:
+                write(f)
+            except RuntimeError:  # torch's zip writer reports a failed write without its cause
+                if f.error is None:
+                    raise
+                raise f.error from None
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(path, e) from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable, where the folder can be synced
         fd = os.open(path.parent, os.O_RDONLY)
@@ -51,6 +66,23 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class _KeepsWriteErrors:
+    """A file that remembers the OSError of a failed write (torch turns it into 'unexpected pos ...')."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -115,9 +147,14 @@ def model_state(obj: dict) -> dict:
 
 
 def rng_state() -> dict:
+    """This process's random streams: torch's CPU generator, Python's, and its own GPU's generator.
+
+    Only the current device's CUDA generator is saved: the other visible GPUs belong to other processes,
+    and a resumed job may see fewer of them (SLURM's one GPU per task, fewer processes).
+    """
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -125,7 +162,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        device = torch.cuda.current_device()
+        torch.cuda.set_rng_state(_own_cuda_state(state["cuda"], device), device)
+
+
+def _own_cuda_state(saved: torch.Tensor | list, device: int) -> torch.Tensor:
+    """The generator state for `device`. Older checkpoints hold a list, one state per GPU the saving
+    process saw: its own is at its device index when the layout is unchanged, else the first."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    return saved[device] if device < len(saved) else saved[0]
 
 
 def _as_tuple(x: Any) -> Any:

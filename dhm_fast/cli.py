@@ -121,6 +121,10 @@ def _run(cfg) -> int:
         return 0
     run = Run(cfg)
     summary = run.train()
+    if summary["stopped_by"]:  # every process; the run has said where it stopped
+        from dhm_fast.preemption import exit_code
+
+        return exit_code(summary["stopped_by"])
     if not run.world.is_main:  # one report per job, from rank 0
         return 0
     if summary["final"] is not None:

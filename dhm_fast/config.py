@@ -368,6 +368,8 @@ def ignored_settings(cfg: TrainConfig) -> dict[str, str]:
         ignored["aux_weight"] = "--method baseline trains the main head only"
     if cfg.eval_only:
         ignored["init_weights"] = "--eval-only evaluates --weights"
+    else:
+        ignored["weights"] = "only --eval-only reads it; to start training from weights, use --init-weights"
     if cfg.res_start is None:
         for name in ("res_ramp_start", "res_ramp_end", "res_step", "res_batch_scale"):
             ignored[name] = "no --res-start: the training resolution is constant"

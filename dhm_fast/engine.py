@@ -85,11 +85,14 @@ def train_one_epoch(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[], None] | None = None,
     grad_accum: int = 1,
+    should_stop: Callable[[bool], bool] | None = None,
 ) -> bool:
-    """Train until the loader's epoch ends (True) or `max_steps` is reached (False).
+    """Train until the loader's epoch ends (True), `max_steps` is reached or `should_stop` says so (False).
 
     One optimizer step (`train_step`) consumes `grad_accum` consecutive micro-batches of the loader.
-    Progress, schedules and branch sampling count optimizer steps.
+    Progress, schedules and branch sampling count optimizer steps. `should_stop(synced)` is asked after
+    every step but an epoch's last (whose evaluation and checkpoint follow anyway); `synced` tells it that
+    the processes have just synchronised (a log record or a checkpoint), where they can agree on stopping.
     """
     parts.model.train()
     bad_step = torch.full((), -1, dtype=torch.long, device=meter.loss_sum.device)
@@ -112,7 +115,8 @@ def train_one_epoch(
             meter.update(loss, stats, batch, active)
             seen += batch
         progress.step += 1
-        if progress.step % log_every == 0 or progress.step % steps_per_epoch == 0:
+        synced = progress.step % log_every == 0 or progress.step % steps_per_epoch == 0
+        if synced:
             _raise_if_bad(bad_step)
             if on_log is not None:  # img_per_s: this process's rate since the previous record
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
@@ -121,6 +125,10 @@ def train_one_epoch(
         if checkpoint_every and on_checkpoint is not None and progress.step % checkpoint_every == 0:
             _raise_if_bad(bad_step)  # never checkpoint a diverged model
             on_checkpoint()
+            synced = True
+        if should_stop is not None and progress.step % steps_per_epoch and should_stop(synced):
+            _raise_if_bad(bad_step)
+            return False
     _raise_if_bad(bad_step)
     return True
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .errors import UserError
+from .errors import UserError, WriteError
 from .models import IMAGENET_ARCHS, MODEL_NAMES, BranchedNet, backbones, create_model, unwrap
 from .models.branching import is_branch_key
 
@@ -144,8 +145,9 @@ def export_run(path: str | Path, out: str | Path) -> dict:
         raise UserError(f"cannot export {path}: {e}") from None
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    checkpoint.write_atomic(out / "model.safetensors", lambda f: f.write(save(state)))
-    checkpoint.save_atomic(state, out / "model.pt")
+    with _writing(path):
+        checkpoint.write_atomic(out / "model.safetensors", lambda f: f.write(save(state)))
+        checkpoint.save_atomic(state, out / "model.pt")
 
     side = NATIVE_SIDES.get(cfg.get("dataset"), int(cfg.get("image_size", 224)))
     x = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
@@ -183,8 +185,19 @@ def export_run(path: str | Path, out: str | Path) -> dict:
         "files": {"safetensors": "model.safetensors", "state_dict": "model.pt"},
         "checked": f"outputs equal {call} loaded from both files, on a random batch of {tuple(x.shape)}",
     }
-    checkpoint.write_atomic(out / "model.json", lambda f: f.write(json.dumps(card, indent=2).encode()))
+    with _writing(path):
+        checkpoint.write_atomic(out / "model.json", lambda f: f.write(json.dumps(card, indent=2).encode()))
     return card
+
+
+@contextlib.contextmanager
+def _writing(source: Path):
+    """A file of the export that cannot be written (a full disk): one line, which also says that the
+    exported checkpoint is untouched (write_atomic leaves no partial file behind)."""
+    try:
+        yield
+    except WriteError as e:
+        raise UserError(f"{e}; the checkpoint {source} is unchanged") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
-from dhm_fast.errors import UserError
+from dhm_fast.checkpoint import write_atomic
+from dhm_fast.errors import UserError, WriteError
 from dhm_fast.plots import draw_curves
 
 LOG = "log.jsonl"
@@ -47,25 +50,53 @@ class Logbook:
             except ImportError:
                 raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             # purge_step drops the events a killed run wrote after its last checkpoint.
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step or None)
+            with self._events():
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step or None)
 
     def rewrite(self, records: list[dict]) -> None:
         """log.jsonl as the checkpoint knows it (atomic), and the curves drawn from it."""
-        tmp = self.out / f".{LOG}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(self.out / LOG)
+        text = "".join(json.dumps(r) + "\n" for r in records).encode()
+        write_atomic(self.out / LOG, lambda f: f.write(text))
         fig = draw_curves(records, self.title)
         if fig is not None:
-            fig.savefig(self.out / CURVES, dpi=90)
+            write_atomic(self.out / CURVES, lambda f: fig.savefig(f, format="png", dpi=90))
 
     def append(self, record: dict) -> None:
-        with open(self.out / LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append(self.out / LOG, (json.dumps(record) + "\n").encode())
         if self.writer is not None:
-            for tag, value in scalars(record).items():
-                self.writer.add_scalar(tag, value, record["step"])
-            self.writer.flush()
+            with self._events():
+                for tag, value in scalars(record).items():
+                    self.writer.add_scalar(tag, value, record["step"])
+                self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self._events():
+                self.writer.close()
+
+    @contextlib.contextmanager
+    def _events(self):
+        """TensorBoard writes from a thread of its own and hands its OSError over at the next flush."""
+        try:
+            yield
+        except OSError as e:
+            raise WriteError(f"TensorBoard events in {self.out / 'tensorboard'}", e) from None
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append data whole or not at all: a failed write (a full disk) is cut off again, so log.jsonl never
+    ends in half a record (truncating needs no free space)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteError(path, e) from None
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        os.ftruncate(fd, end)
+        raise WriteError(path, e) from None
+    finally:
+        os.close(fd)

@@ -7,6 +7,10 @@ config.json, summary.json, and TensorBoard event files with --tensorboard.
 Under torchrun every process runs this same code on its shard of the data (docs/distributed.md): metrics
 are summed over processes before they are logged, and only rank 0 writes files or draws progress bars.
 Checkpoint writes are collective (every process calls `save`), so all processes agree on what is saved.
+
+SIGTERM, SIGUSR1 or SIGINT during training stops the run after the current optimizer step, with a
+checkpoint (dhm_fast/preemption.py); a file that cannot be written (a full disk) is one line naming it
+and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 import dhm_fast.reid_eval as reid
-from dhm_fast import checkpoint, determinism, distributed, precision, resolution, telemetry
+from dhm_fast import checkpoint, determinism, distributed, precision, preemption, resolution, telemetry
 from dhm_fast.config import TrainConfig, flag_name
 from dhm_fast.engine import NonFiniteLoss, Progress, evaluate, step_parts, train_one_epoch
-from dhm_fast.errors import UserError
+from dhm_fast.errors import UserError, WriteError
 from dhm_fast.global_batch import micro_batch
 from dhm_fast.init_weights import load_init_weights, model_names, read_weights
 from dhm_fast.logbook import Logbook
@@ -160,10 +164,14 @@ class Run:
         self.telemetry = telemetry.for_device(self.device, interval_s=1.0)  # NVML; inert without a GPU
         self.telemetry.start()
         self.provenance = provenance()  # version, git commit and command line, for the model card (export)
+        self.stop = preemption.StopRequest()
+        self.stopped_by: int | None = None  # the signal every process agreed to stop on
+        self.good: tuple[Path, int] | None = None  # the last checkpoint known written, and its step
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def state(self, meter: TrainMeter | None = None, rng_ranks: list | None = None) -> dict:
+    def state(self, meter: TrainMeter | None = None, rng_ranks: list | None = None,
+              meter_ranks: list | None = None) -> dict:
         state = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
@@ -180,22 +188,27 @@ class Run:
         }
         if rng_ranks is not None and len(rng_ranks) > 1:
             state["rng_ranks"] = rng_ranks  # every process's own stream (dropout), for an exact resume
+        if meter_ranks is not None and len(meter_ranks) > 1:
+            state["meter_ranks"] = meter_ranks  # every process's own sums: the same float additions on resume
         return state
 
     def save(self) -> None:
         """Write last.pt. Every process calls this (it holds collectives); only rank 0 writes.
 
-        The saved meter holds the sums over all processes (a resumed rank 0 carries them, the other ranks
-        start from zero), and BatchNorm buffers are rank 0's everywhere. The closing barrier means no
-        process runs past a step before its checkpoint is on disk.
+        The saved meter holds the sums over all processes, and `meter_ranks` each process's own: resumed by
+        as many processes, each takes its own back (the sums then add up exactly as without the stop);
+        by another number, rank 0 carries the total. BatchNorm buffers are rank 0's everywhere. The
+        closing barrier means no process runs past a step before its checkpoint is on disk.
         """
         distributed.broadcast_buffers(self.model)
         meter = distributed.reduce_train_meter(self.meter)
         _check_finite(meter, self.progress.step)  # the same verdict on every process: never save NaNs
-        rng_ranks = distributed.gather_objects(checkpoint.rng_state())
+        own = distributed.gather_objects((checkpoint.rng_state(), _on_cpu(self.meter.state_dict())))
         if self.world.is_main:
-            checkpoint.save_atomic(self.state(meter, rng_ranks), self.out / checkpoint.LAST)
+            state = self.state(meter, [rng for rng, _ in own], [sums for _, sums in own])
+            checkpoint.save_atomic(state, self.out / checkpoint.LAST)
         distributed.barrier()
+        self.good = (self.out / checkpoint.LAST, self.progress.step)
 
     def resume(self, path: Path) -> None:
         # Loaded on the CPU whatever the training device: the RNG states must reach torch.set_rng_state
@@ -216,7 +229,10 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
         self.interval_base = ckpt.get("interval_base")
-        if self.world.is_main:  # the saved meter is the sum over every process of the saving run
+        meter_ranks = ckpt.get("meter_ranks")
+        if meter_ranks is not None and len(meter_ranks) == self.world.world_size:
+            self.meter.load_state_dict(meter_ranks[self.world.rank])  # each process's own sums, exactly
+        elif self.world.is_main:  # the saved meter is the sum over every process of the saving run
             self.meter.load_state_dict(ckpt["meter"])
         rng_ranks = ckpt.get("rng_ranks")
         if rng_ranks is not None and len(rng_ranks) == self.world.world_size:
@@ -225,6 +241,7 @@ class Run:
             checkpoint.set_rng_state(ckpt["rng"])
         else:  # saved by another number of processes: a fresh stream of its own, from (seed, rank, step)
             torch.manual_seed(_rank_seed(self.cfg.seed, self.world.rank, self.progress.step))
+        self.good = (path, self.progress.step)
         log(f"resumed from {path} at epoch {self.progress.epoch + 1}, step {self.progress.step}")
 
     def resume_path(self) -> Path | None:
@@ -248,16 +265,27 @@ class Run:
                 "micro": self.cfg.batch_size // w // accum, "grad_accum": accum, "processes": w}
 
     def train(self) -> dict:
+        """Train to the end, to --max-steps or to a stop signal (then `stopped_by` names it in the summary)."""
+        try:
+            with self.stop.installed():
+                return self._train()
+        except WriteError as e:
+            raise UserError(f"{e}; {self.still_good()}") from None
+
+    def _train(self) -> dict:
         cfg = self.cfg
         if self.world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for stale in self.out.glob(".*.pt.*.tmp"):  # a write cut short by a kill; its target is intact
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise WriteError(self.out, e) from None
+            for stale in self.out.glob(".*.tmp"):  # a write cut short by a kill; its target is intact
                 stale.unlink(missing_ok=True)
         path = self.resume_path()
         if path is not None:
             self.resume(path)
         if self.world.is_main:
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            _write_json(self.out / "config.json", cfg.to_dict())
             self.logbook = Logbook(self.out, f"{cfg.arch} / {cfg.method} / {cfg.dataset}", cfg.tensorboard,
                                    resume_step=self.progress.step)
             self.logbook.rewrite(self.progress.history)  # drops records written after the last checkpoint
@@ -273,13 +301,52 @@ class Run:
         try:
             while self.progress.epoch < cfg.epochs:
                 if not self.train_epoch():
+                    if self.stopped_by is not None:
+                        return self.stopped()
                     log(f"stopped at --max-steps {cfg.max_steps}; resume with the same --out to continue")
                     return self.finish(stopped_early=True)
+                if self.progress.epoch < cfg.epochs and self.should_stop(synced=True):
+                    return self.stopped()  # the signal came during the epoch's last steps or its evaluation
         except NonFiniteLoss as e:
             raise UserError(
                 f"{e}; training stopped, the last good checkpoint is {self.out / checkpoint.LAST}"
             ) from None
         return self.finish()
+
+    # --- stopping on a signal --------------------------------------------------------------------
+
+    def should_stop(self, synced: bool) -> bool:
+        """Whether a stop signal came, with the same answer on every process after the same step.
+
+        A single process reads its note after any step (a Python attribute: no device sync). Processes
+        compare notes only where they have just synchronised anyway (a log record, a checkpoint, an
+        epoch's end), so the stop lands within --log-every-steps steps and no step waits for a peer.
+        """
+        if self.world.distributed:
+            if not synced:
+                return False
+            noted = [s for s in distributed.gather_objects(self.stop.signum) if s is not None]
+        else:
+            noted = [] if self.stop.signum is None else [self.stop.signum]
+        if noted:
+            self.stopped_by = noted[0]
+        return bool(noted)
+
+    def stopped(self) -> dict:
+        """Checkpoint where every process stopped (unless that step's checkpoint is written), say so."""
+        p, last = self.progress, self.out / checkpoint.LAST
+        if self.good != (last, p.step):
+            self.save()
+        signum = self.stopped_by
+        log(f"stopped by {preemption.name(signum)} after step {p.step} (epoch {p.epoch + 1}, step "
+            f"{p.step - p.epoch * self.steps_per_epoch} of {self.steps_per_epoch}); checkpoint {last}; re-run "
+            f"the same command to resume (exit code {preemption.exit_code(signum)})")
+        return self.finish(stopped_early=True)
+
+    def still_good(self) -> str:
+        if self.good is None:
+            return "no checkpoint has been written yet"
+        return f"the last good checkpoint is {self.good[0]} (step {self.good[1]})"
 
     def schedules_at(self, position: float) -> dict:
         """lr, alpha and temperature at a point of training, in epochs."""
@@ -289,7 +356,7 @@ class Run:
     def log_interval(self, info: dict) -> None:
         """A training record over the steps since the last one: reduced over processes, kept and written."""
         reduced = distributed.reduce_train_meter(self.meter).state_dict()
-        now = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in reduced.items()}  # one copy
+        now = _on_cpu(reduced)  # one copy
         train = _meter_delta(now, self.interval_base).summary(self.head_names)
         self.interval_base = now
         step = info["step"]
@@ -328,7 +395,7 @@ class Run:
         finished = train_one_epoch(
             self.parts, bar, p, self.meter, steps_per_epoch=self.steps_per_epoch, max_steps=cfg.max_steps,
             log_every=cfg.log_every_steps, on_log=on_log, checkpoint_every=cfg.save_every_steps,
-            on_checkpoint=self.save, grad_accum=accum,
+            on_checkpoint=self.save, grad_accum=accum, should_stop=self.should_stop,
         )
         bar.close()
         if not finished:
@@ -381,17 +448,26 @@ class Run:
             f"best_main_{self.headline}": p.best_top1 if p.best_epoch >= 0 else None,
             "final": epochs[-1]["val"] if epochs else None,
             "batch": self.batch_info(),
-            "outputs": {k: str(self.out / v) for k, v in
+            "stopped_by": preemption.name(self.stopped_by) if self.stopped_by is not None else None,
+            "outputs": {k: str(self.out / v) for k, v in  # those written: no best.pt before an evaluation
                         (("last", checkpoint.LAST), ("best", checkpoint.BEST), ("log", "log.jsonl"),
-                         ("curves", "curves.png"))},
+                         ("curves", "curves.png")) if (self.out / v).is_file()},
         }
         self.telemetry.stop()
         if self.world.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            _write_json(self.out / "summary.json", summary)
             self.logbook.close()
         distributed.barrier()
         distributed.destroy()
         return summary
+
+
+def _on_cpu(state: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _write_json(path: Path, obj) -> None:
+    checkpoint.write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _meter_delta(now: dict, base: dict | None) -> TrainMeter:

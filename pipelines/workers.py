@@ -1,8 +1,11 @@
-"""How many loader workers (processes or threads) a process gets when the user does not say."""
+"""Loader workers: how many (processes or threads) a process gets when the user does not say, and how
+worker processes treat the signals that stop a run."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 
 def available_cores() -> int:
@@ -27,3 +30,26 @@ def resolve_num_workers(num_workers: int | None) -> int:
     if num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
     return num_workers
+
+
+def leave_stopping_to_the_trainer(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a worker process ignores the signals that ask the trainer to stop.
+
+    torchrun signals each training process's whole process group and SLURM every process of a job, so a
+    worker gets the trainer's SIGTERM (or SIGUSR1, SIGINT) too; dying of it would fail the trainer's next
+    batch ("DataLoader worker exited unexpectedly") before it can checkpoint (dhm_fast/preemption.py).
+    SIGTERM from the trainer itself (the DataLoader's own shutdown) still ends the worker, as PyTorch's
+    worker handler does; a worker also ends when its trainer dies.
+    """
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    # Blocked in this thread and so in every thread it starts: only sigwaitinfo below receives SIGTERM.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    trainer = os.getppid()
+
+    def obey_the_trainer_only() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=obey_the_trainer_only, name="sigterm-from-trainer", daemon=True).start()

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes that survive a crash, weights-only loading, clear errors."""
+"""Checkpoints: atomic writes that survive a crash, weights-only loading, clear errors, RNG states."""
 
 import argparse
 import os
@@ -6,9 +6,10 @@ import pickle
 
 import pytest
 import torch
+from test_gpu_path import FakeCuda
 
 from dhm_fast import checkpoint
-from dhm_fast.errors import UserError
+from dhm_fast.errors import UserError, WriteError
 
 
 def test_round_trip(tmp_path):
@@ -28,7 +29,7 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk yanked")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk yanked"):
+    with pytest.raises(WriteError, match=f"^cannot write {path}: disk yanked$"):  # one line naming the file
         checkpoint.save_atomic({"step": 2, "w": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert checkpoint.load(path)["step"] == 1
@@ -129,3 +130,48 @@ def test_rng_state_round_trips(tmp_path):
     a = torch.rand(3)
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "r.pt")["rng"])
     assert torch.equal(torch.rand(3), a)
+
+
+class FakeCudaRng(FakeCuda):
+    """The GPU-path stand-in for torch.cuda, with one generator state per visible device; like the real
+    module, asking for a device beyond the visible ones raises IndexError."""
+
+    def __init__(self, monkeypatch, count: int, current: int = 0) -> None:
+        super().__init__(monkeypatch, count)
+        self.states = {i: torch.full((16,), i + 1, dtype=torch.uint8) for i in range(count)}
+
+        def device(index) -> int:
+            index = current if index in (None, "cuda") else torch.device("cuda", index).index
+            if index >= count:
+                raise IndexError(f"CUDA device {index} of {count}")
+            return index
+
+        def set_state(state, device_index="cuda"):
+            self.states[device(device_index)] = state.clone()
+
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device_index="cuda": self.states[device(device_index)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.states[i] for i in range(count)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                            lambda states: [set_state(s, i) for i, s in enumerate(states)])
+
+
+def test_each_process_saves_only_its_own_gpus_generator(monkeypatch):
+    FakeCudaRng(monkeypatch, count=8, current=3)  # process 3 of 8, every GPU of the node visible
+    saved = checkpoint.rng_state()["cuda"]
+    assert isinstance(saved, torch.Tensor) and torch.equal(saved, torch.full((16,), 4, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("old_format", [False, True], ids=["own-state", "list-of-8"])
+def test_a_checkpoint_of_8_visible_gpus_resumes_where_a_process_sees_one(tmp_path, monkeypatch, old_format):
+    eight = FakeCudaRng(monkeypatch, count=8, current=0)
+    state = checkpoint.rng_state()
+    if old_format:  # as written before: every visible GPU's state (get_rng_state_all)
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    checkpoint.save_atomic({"rng": state}, tmp_path / "last.pt")
+    assert len(eight.states) == 8
+    one = FakeCudaRng(monkeypatch, count=1)  # requeued with one GPU per task
+    one.states[0] = torch.zeros(16, dtype=torch.uint8)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "last.pt")["rng"])
+    assert torch.equal(one.states[0], torch.full((16,), 1, dtype=torch.uint8)) and len(one.states) == 1
