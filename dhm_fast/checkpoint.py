@@ -27,6 +27,9 @@ from dhm_fast.errors import UserError, WriteError
 LAST = "last.pt"
 BEST = "best.pt"
 
+_UMASK = os.umask(0o022)  # read once, at import (setting it is process-wide): a written file's permissions
+os.umask(_UMASK)
+
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
@@ -43,6 +46,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes it private to its owner)
         with os.fdopen(fd, "wb") as raw:
             f = _KeepsWriteErrors(raw)
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from dhm_fast.checkpoint import write_atomic
@@ -50,6 +51,7 @@ class Logbook:
             except ImportError:
                 raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             # purge_step drops the events a killed run wrote after its last checkpoint.
+            _quiet_tensorboard_threads()
             with self._events():
                 self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step or None)
 
@@ -81,6 +83,21 @@ class Logbook:
             yield
         except OSError as e:
             raise WriteError(f"TensorBoard events in {self.out / 'tensorboard'}", e) from None
+
+
+def _quiet_tensorboard_threads() -> None:
+    """TensorBoard's writer thread ends on an OSError (a full disk) with a traceback; the same error
+    reaches the trainer at its next flush, which tells it in one line (Logbook._events)."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def _append(path: Path, data: bytes) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import make_loaders
 from small_data import write_fashion_mnist
 from test_distributed import env, torchrun_cmd
 from test_distributed import run as run_ok
@@ -21,6 +22,7 @@ from test_train import QUICK, assert_identical, read_log, without_timing
 
 from dhm_fast import checkpoint
 from dhm_fast.cli import main
+from pipelines.sample_data import write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "preempt_worker.py")
@@ -101,3 +103,23 @@ def test_sigterm_to_the_torchrun_agent_stops_both_processes_at_one_step_and_they
                              env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and f"step {step}" in resumed.stdout, resumed.stderr[-3000:]
     assert_resumed_run_is_identical(parts, whole)
+
+
+def test_loader_workers_outlive_the_stop_signal_of_their_group_and_obey_their_trainer(tmp_path):
+    """torchrun signals a training process's whole group, SLURM every process: the torchvision loader's
+    worker processes get the stop signal too. They must keep serving batches until the trainer shuts
+    them down (dying would fail its next batch before it can checkpoint)."""
+    ds = write_imagefolder(tmp_path / "d", num_classes=2, train_per_class=8, val_per_class=1, odd_files=False)
+    train, _ = make_loaders("torchvision", ds.root, tmp_path / "cache", num_workers=2, batch_size=2)
+    batches = iter(train)
+    next(batches)
+    workers = train._loader._iterator._workers
+    pids = [str(w.pid) for w in workers]
+    for sig in ("TERM", "USR1", "INT"):  # sent by another process, as by torchrun's agent or slurmstepd
+        subprocess.run(["kill", f"-{sig}", *pids], check=True)
+    assert len(list(batches)) == len(train) - 1  # every remaining batch, no "worker exited unexpectedly"
+    assert all(w.is_alive() for w in workers)
+    train.close()  # the trainer's own shutdown still ends them
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)

@@ -284,3 +284,18 @@ def test_help_and_recipe_list(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--branch-prob" in capsys.readouterr().out
+
+
+def test_weights_while_training_is_named_and_outputs_lists_only_written_files(tmp_path, capsys):
+    data = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=16)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["--data-dir", str(data), "--batch-size", "32", "--max-steps", "1", "--amp", "none",
+                                 "--no-channels-last", "--weights", str(tmp_path / "w.pt"), "--out", str(out)], capsys)
+    assert code == 0 and err.splitlines() == [
+        "warning: --weights has no effect: only --eval-only reads it; to start training from weights, "
+        "use --init-weights"], err
+    # stopped before any evaluation and any training record: no best.pt, no curves.png
+    written = f"last {out / 'last.pt'}, log {out / 'log.jsonl'}"
+    assert stdout.splitlines()[-1] == f"outputs: {written}"
+    assert json.loads((out / "summary.json").read_text())["outputs"] == {"last": str(out / "last.pt"),
+                                                                        "log": str(out / "log.jsonl")}
