@@ -133,15 +133,29 @@ def fused_backend(
     precisions are computed in the widest), the gradient included. The gradient is saved in the logits'
     dtype, except float16's, saved in float32: a GradScaler's loss scale is applied in backward, and
     many unscaled entries would be subnormal or zero in float16. The caller has checked that the op has
-    a kernel for the device and that there is at least one head."""
-    dtype = functools.reduce(torch.promote_types, (x.dtype for x in logits))
-    logits = [x.to(dtype) for x in logits]
-    weights = {"device": logits[0].device, "dtype": torch.float32}
+    a kernel for the device and that there is at least one head.
+
+    At small shapes the Python around the op is a measurable share of a call (docs/benchmarks.md), so
+    conversions are skipped where nothing needs converting (the usual case: one dtype, and weights
+    made by `_step_constants`), and eager calls take the library's direct entry."""
+    dtype = logits[0].dtype
+    if any(x.dtype != dtype for x in logits):
+        dtype = functools.reduce(torch.promote_types, (x.dtype for x in logits))
+        logits = [x.to(dtype) for x in logits]
+    device = logits[0].device
+    if ce_weights.dtype != torch.float32 or ce_weights.device != device:
+        ce_weights = ce_weights.to(device=device, dtype=torch.float32)
+    if kl_weights.dtype != torch.float32 or kl_weights.device != device:
+        kl_weights = kl_weights.to(device=device, dtype=torch.float32)
     compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in logits)
-    loss, stats, _ = kernels.op(FUSED_OP)(
-        logits, target, ce_weights.to(**weights), kl_weights.to(**weights), float(temperature), float(alpha),
-        float(eps), float(label_smoothing), compute_grad,
-    )
+    args = (logits, target, ce_weights, kl_weights, float(temperature), float(alpha), float(eps),
+            float(label_smoothing), compute_grad)
+    eager = kernels.eager_entry(FUSED_OP)
+    if eager is not None and not torch.compiler.is_compiling():
+        out = eager(*args)
+        if out is not NotImplemented:
+            return out
+    loss, stats, _ = kernels.op(FUSED_OP).default(*args)
     return loss, stats
 
 
@@ -260,7 +274,8 @@ class LossConfig:
         )
         if scatter is not None:  # compact stats of the active heads -> their places among all H heads'
             stats = stats.new_zeros(2 * h + h * h).index_copy_(0, scatter, stats)
-        return loss, LossStats(ce=stats[:h], kl=stats[h : h + h * h].view(h, h), correct=stats[h + h * h :])
+        ce, kl, correct = stats.split((h, h * h, h))  # one call for the three views
+        return loss, LossStats(ce=ce, kl=kl.view(h, h), correct=correct)
 
 
 def _step_constants(

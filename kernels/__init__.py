@@ -3,6 +3,7 @@
 This module is the only one that imports `kernels._C`; everything above it (pipelines, dhm_fast)
 asks here for an op and whether it can run on a device:
 - `op("fused_loss")` is `torch.ops.dhm_fast.fused_loss`, or None when the library is not built;
+  `eager_entry("fused_loss")` the same op for plain eager tensors, called without torch.ops' overhead;
 - `has_kernel("fused_loss", device)` says whether the library has a kernel for that device: for a
   GPU, also whether it holds a cubin or PTX that GPU's compute capability can run;
 - `load_error()` says why the library did not load (None when it did).
@@ -59,6 +60,13 @@ def op(name: str):
     if _C is None:
         return None
     return getattr(getattr(torch.ops, _NAMESPACE), name, None)
+
+
+def eager_entry(name: str):
+    """The library's direct entry of op `name` for plain eager tensors (`_C.<name>_eager`: no torch.ops
+    argument parsing), or None. It returns NotImplemented for inputs it does not take (tensor
+    subclasses, __torch_function__ modes); callers then use `op(name)`, as they do under torch.compile."""
+    return getattr(_C, f"{name}_eager", None) if _C is not None else None
 
 
 def built_cuda_targets() -> tuple[str, ...]:

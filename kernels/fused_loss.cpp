@@ -2,10 +2,13 @@
 // formula, and the Python module `kernels._C` whose import registers everything. Kernels:
 // fused_loss_cpu.cpp, fused_loss_cuda*.cu. The fake (meta) implementation is in kernels/__init__.py.
 #include <Python.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include "fused_loss.h"
@@ -62,18 +65,24 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+using FusedLossSignature = LossOutputs(const std::vector<at::Tensor>&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, double, double, double,
+                                       double, bool);
+
+const c10::TypedOperatorHandle<FusedLossSignature>& fused_loss_handle() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dhm_fast::fused_loss", "")
+                             .typed<FusedLossSignature>();
+  return op;
+}
+
 LossOutputs call_below_autograd(const std::vector<at::Tensor>& logits, const at::Tensor& target,
                                 const at::Tensor& ce_weights, const at::Tensor& kl_weights,
                                 double temperature, double alpha, double eps, double label_smoothing,
                                 bool compute_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dhm_fast::fused_loss", "")
-                             .typed<LossOutputs(const std::vector<at::Tensor>&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, double, double,
-                                                double, double, bool)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(logits, target, ce_weights, kl_weights, temperature, alpha, eps, label_smoothing,
-                 compute_grad);
+  return fused_loss_handle().call(logits, target, ce_weights, kl_weights, temperature, alpha, eps,
+                                  label_smoothing, compute_grad);
 }
 
 // True for a real tensor seen by eager autograd; false while torch.compile, opcheck or a
@@ -84,6 +93,15 @@ bool is_eager_tensor(const at::Tensor& t) {
          !keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Functionalize) &&
          !keys.has(c10::DispatchKey::FuncTorchBatched) &&
          !keys.has(c10::DispatchKey::FuncTorchGradWrapper);
+}
+
+// Whether a CPU scalar is exactly 1, read directly for float32/64 (item() is a dispatcher call: a
+// measurable share of a small call's backward).
+bool is_one(const at::Tensor& t) {
+  if (t.numel() != 1) return false;
+  if (t.scalar_type() == at::kFloat) return *t.const_data_ptr<float>() == 1.0f;
+  if (t.scalar_type() == at::kDouble) return *t.const_data_ptr<double>() == 1.0;
+  return t.item<double>() == 1.0;
 }
 
 // The gradient w.r.t. every head's logits is computed by the forward kernel and saved (float16
@@ -118,8 +136,7 @@ class FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(),
                 "dhm_fast::fused_loss was called with compute_grad=False: no gradient was saved");
     const bool eager = is_eager_tensor(grad_loss);
-    const bool unit = eager && grad_loss.is_cpu() && !grad_loss.requires_grad() &&
-                      grad_loss.item<double>() == 1.0;
+    const bool unit = eager && grad_loss.is_cpu() && !grad_loss.requires_grad() && is_one(grad_loss);
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     for (int64_t h = 0; h < heads; ++h) {
       at::Tensor g = unit ? grads[h] : grads[h].mul(grad_loss);
@@ -186,9 +203,49 @@ static PyObject* build_info(PyObject*, PyObject*) {
   return Py_BuildValue("{s:s,s:O}", "cuda_targets", kCudaTargets, "openmp", kOpenmp ? Py_True : Py_False);
 }
 
+// fused_loss_eager(logits, target, ce_weights, kl_weights, temperature, alpha, eps, label_smoothing,
+// compute_grad) -> (loss, stats), or NotImplemented. The op through the dispatcher (autograd
+// included) without torch.ops' generic argument parsing, and without handing the per-head gradients
+// (kept for backward) to Python: at small shapes both were a measurable share of a call. Only for
+// plain tensors with no __torch_function__ mode active; anything else gets NotImplemented, and the
+// caller uses torch.ops (as it does under torch.compile).
+static PyObject* fused_loss_eager(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *seq, *target, *ce_w, *kl_w;
+  double temperature, alpha, eps, label_smoothing;
+  int compute_grad;
+  if (!PyArg_ParseTuple(args, "OOOOddddp", &seq, &target, &ce_w, &kl_w, &temperature, &alpha, &eps,
+                        &label_smoothing, &compute_grad))
+    return nullptr;
+  const bool plain = (PyList_Check(seq) || PyTuple_Check(seq)) && THPVariable_CheckExact(target) &&
+                     THPVariable_CheckExact(ce_w) && THPVariable_CheckExact(kl_w) &&
+                     !at::impl::torch_function_mode_enabled();
+  if (!plain) Py_RETURN_NOTIMPLEMENTED;
+  const Py_ssize_t heads = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  std::vector<at::Tensor> logits;
+  logits.reserve(heads);
+  for (Py_ssize_t h = 0; h < heads; ++h) {
+    if (!THPVariable_CheckExact(items[h])) Py_RETURN_NOTIMPLEMENTED;
+    logits.push_back(THPVariable_Unpack(items[h]));
+  }
+  dhm::LossOutputs out;
+  {
+    pybind11::gil_scoped_release no_gil;  // as torch.ops does: other Python threads (loaders) run on
+    out = dhm::fused_loss_handle().call(logits, THPVariable_Unpack(target), THPVariable_Unpack(ce_w),
+                                        THPVariable_Unpack(kl_w), temperature, alpha, eps,
+                                        label_smoothing, compute_grad != 0);
+  }
+  return Py_BuildValue("(NN)", THPVariable_Wrap(std::get<0>(out)),
+                       THPVariable_Wrap(std::get<1>(out)));
+  END_HANDLE_TH_ERRORS
+}
+
 static PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "{'cuda_targets': 'sm_80,...,compute_90' (empty without CUDA), 'openmp': bool}"},
+    {"fused_loss_eager", fused_loss_eager, METH_VARARGS,
+     "fused_loss for plain eager tensors: (loss, stats), or NotImplemented (then use torch.ops)"},
     {nullptr, nullptr, 0, nullptr}};
 
 // `import kernels._C` runs the static registrations above.
