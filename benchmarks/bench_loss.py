@@ -1,18 +1,23 @@
 """Speed of the fused mimicking loss against plain-PyTorch formulations (forward + backward).
 
-    python -m benchmarks.bench_loss [--quick] [--device cpu|cuda] [--threads N] [--out bench_out]
+    python -m benchmarks.bench_loss [--quick] [--device cpu|cuda] [--threads N] [--baseline REV] [--out bench_out]
 
 Variants, timed in interleaved rounds in one process: fused (the trainer's loss call on the native op),
 pair_loop (the authors' released loop over head pairs), reference (the trainer's plain-PyTorch backend;
 reference_compiled: under torch.compile), floor (one softmax over the same logits) and autograd (a sum
-through autograd). On a GPU also the fused op's bytes/s against peak bandwidth. Prints a table, writes
-OUT/loss_bench.json and .png; what each variant is and the figures: docs/benchmarks.md.
+through autograd). With --baseline REV (CPU) also baseline: the loss call and CPU op of git revision REV,
+built beside this one, so that old and new are timed side by side. On a GPU also the fused op's bytes/s
+against peak bandwidth. Prints a table, writes OUT/loss_bench.json and .png; what each variant is and the
+figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,11 @@ from dhm_fast.losses import LossConfig, select_backend
 
 SHAPES = ((3, 256, 1000), (3, 128, 100), (4, 512, 1000), (3, 64, 21843))  # (H, B, K)
 TEMPERATURE, ALPHA, EPS = 1.0, 1.0, 1e-8
-VARIANTS = ("fused", "pair_loop", "reference", "reference_compiled", "floor", "autograd")
+VARIANTS = ("fused", "baseline", "pair_loop", "reference", "reference_compiled", "floor", "autograd")
+ROOT = Path(__file__).resolve().parents[1]
+# The sources of the CPU op, and how a copy built beside the installed library is renamed so that both
+# register (op namespace, Python module) in one process.
+OP_SOURCES = ("kernels/fused_loss.cpp", "kernels/fused_loss_cpu.cpp", "kernels/fused_loss.h", "kernels/dhm_row.h")
 
 
 @dataclass
@@ -38,6 +47,11 @@ class LossBenchConfig:
     repeats: int | None = option(None, "timed repeats per variant (default 20, quick 5)", ge=1)
     no_compile: bool = option(False, "skip the torch.compile variant")
     threads: int | None = option(None, "torch CPU threads (default: torch's)", ge=1)
+    baseline: str | None = option(None, "also time the loss call and CPU op of this git revision (e.g. HEAD~3), "
+                                  "built under build/bench_loss/")
+    only: str | None = option(None, "time only these variants, comma-separated (floor and autograd always run)")
+    clock: str = option("wall", "wall: elapsed time; thread: this thread's CPU time, robust against other "
+                        "processes on a shared machine (with --threads 1 only)", choices=("wall", "thread"))
     out: Path = option(Path("bench_out"))
 
 
@@ -101,7 +115,52 @@ def device_bandwidth(device: torch.device) -> float | None:
     return 2.0 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None  # double data rate
 
 
-def variants(h, b, k, device, dtype, compile_reference: bool) -> dict[str, Callable[[], None]]:
+# ---------------------------------------------------------------------------- an older build beside this one
+def baseline_losses(rev: str):
+    """dhm_fast/losses.py of git revision `rev` as a module whose fused op is that revision's CPU op, built
+    (once per commit, under build/bench_loss/) with its own op namespace and loaded beside the installed one."""
+    sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
+    name = f"dhm_fast_baseline_{sha[:12]}"
+    src = ROOT / "build" / "bench_loss" / sha[:12]
+    src.mkdir(parents=True, exist_ok=True)
+    renames = {"TORCH_LIBRARY(dhm_fast,": f"TORCH_LIBRARY({name},",
+               "TORCH_LIBRARY_IMPL(dhm_fast,": f"TORCH_LIBRARY_IMPL({name},",
+               '"dhm_fast::fused_loss"': f'"{name}::fused_loss"', 'm.set_python_module("kernels");': "",
+               "PyInit__C": f"PyInit_{name}", '"kernels._C"': f'"{name}"'}
+    for path in OP_SOURCES:
+        text = _git("show", f"{sha}:{path}")
+        for old, new in renames.items():
+            text = text.replace(old, new)
+        out = src / Path(path).name
+        if not out.exists() or out.read_text() != text:  # unchanged sources: ninja rebuilds nothing
+            out.write_text(text)
+    from torch.utils.cpp_extension import load
+
+    common.log(f"building the CPU op of {rev} ({sha[:12]}) in {src}")
+    module = load(name, [str(src / "fused_loss.cpp"), str(src / "fused_loss_cpu.cpp")],
+                  extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"],
+                  extra_include_paths=[str(src)], build_directory=str(src))
+    code = _git("show", f"{sha}:dhm_fast/losses.py")
+    for old, new in (("kernels.op(FUSED_OP)", "_BASELINE_OP"), ("kernels.eager_entry(FUSED_OP)", "_BASELINE_EAGER")):
+        code = code.replace(old, new)
+    losses = types.ModuleType(f"{name}_losses")
+    losses.__dict__.update(_BASELINE_OP=getattr(torch.ops, name).fused_loss,
+                           _BASELINE_EAGER=getattr(module, "fused_loss_eager", None))
+    sys.modules[losses.__name__] = losses  # dataclasses look their module up
+    exec(compile(code, f"{rev}:dhm_fast/losses.py", "exec"), losses.__dict__)
+    return losses
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ValueError(f"--baseline: git {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+# ---------------------------------------------------------------------------- the variants
+def variants(h, b, k, device, dtype, compile_reference: bool, baseline=None,
+             only: set[str] | None = None) -> dict[str, Callable[[], None]]:
     """Each variant's forward + backward on the same random logits (scale 3), as a timed callable."""
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(b, k, generator=gen).mul_(3.0).to(device=device, dtype=dtype) for _ in range(h)]
@@ -109,16 +168,21 @@ def variants(h, b, k, device, dtype, compile_reference: bool) -> dict[str, Calla
     leaves = [x.clone().requires_grad_() for x in base]
     losses = {
         "fused": config_loss(LossConfig(eps=EPS)) if select_backend(device).name == "fused" else None,
+        "baseline": config_loss(baseline.LossConfig(eps=EPS)) if baseline is not None else None,
         "pair_loop": pair_loop_loss,
         "reference": config_loss(LossConfig(eps=EPS, reference=True)),
         "reference_compiled": compiled_reference(h, device) if compile_reference else None,
     }
-    fns = {name: forward_backward(fn, leaves, target) for name, fn in losses.items() if fn}
+    fns = {name: forward_backward(fn, leaves, target) for name, fn in losses.items()
+           if fn and (only is None or name in only)}
     return {**fns, "floor": softmax_pass(base), "autograd": forward_backward(sum_loss, leaves, target)}
 
 
-def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference) -> dict:
-    times = common.time_round_robin(variants(h, b, k, device, dtype, compile_reference), device, repeats, warmup)
+def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference, baseline=None, only=None,
+              clock=time.perf_counter) -> dict:
+    fns = variants(h, b, k, device, dtype, compile_reference and (only is None or "reference_compiled" in only),
+                   baseline, only)
+    times = common.time_round_robin(fns, device, repeats, warmup, clock)
     stats = {name: common.quantiles(ts) for name, ts in times.items()}
     row = {"H": h, "B": b, "K": k, "seconds": {n: q["median"] for n, q in stats.items()},
            "min_seconds": {n: q["min"] for n, q in stats.items()}}
@@ -134,17 +198,21 @@ def run_shape(h, b, k, device, dtype, repeats, warmup, compile_reference) -> dic
 # ---------------------------------------------------------------------------- report
 def print_table(rows: list[dict]) -> None:
     names = [v for v in VARIANTS if any(v in r["seconds"] for r in rows)]
-    print(f"{'H,B,K':>16} " + " ".join(f"{n:>20}" for n in names)
-          + f" {'loop/fused':>11} {'ref/fused':>10} {'fused/floor':>12} {'(fastest runs)':>14}")
+    ratios = {  # name: (numerator, denominator), shown where both were timed
+        "loop/fused": ("pair_loop", "fused"), "ref/fused": ("reference", "fused"),
+        "fused/floor": ("fused", "floor"), "fused/autograd": ("fused", "autograd"),
+        "fused/baseline": ("fused", "baseline"), "baseline/autograd": ("baseline", "autograd")}
+    shown = [n for n, (a, b) in ratios.items() if any(a in r["seconds"] and b in r["seconds"] for r in rows)]
+    print(f"{'H,B,K':>16} " + " ".join(f"{n:>20}" for n in names) + "".join(f" {n:>17}" for n in shown)
+          + f" {'fused/floor (fastest runs)':>26}")
     for r in rows:
         s, shape = r["seconds"], f"{r['H']},{r['B']},{r['K']:>6}".rjust(16)
         cells = " ".join(f"{s[n] * 1e3:>17.3f} ms" if n in s else f"{'-':>20}" for n in names)
-        ratios = ""
+        cells += "".join(f" {s[a] / s[b]:>16.2f}x" if a in s and b in s else f" {'-':>17}"
+                         for a, b in (ratios[n] for n in shown))
         if "fused" in s:
-            f, best_ref = s["fused"], min(s[n] for n in ("reference", "reference_compiled") if n in s)
-            fastest = r["min_seconds"]["fused"] / r["min_seconds"]["floor"]
-            ratios = f" {s['pair_loop'] / f:>10.1f}x {best_ref / f:>9.1f}x {f / s['floor']:>11.2f}x {fastest:>13.2f}x"
-        print(f"{shape} {cells}{ratios}")
+            cells += f" {r['min_seconds']['fused'] / r['min_seconds']['floor']:>25.2f}x"
+        print(f"{shape} {cells}")
         if "fused_bytes_per_s" in r:
             frac = r.get("fused_bandwidth_fraction")
             print(f"{'':>16} fused moves {r['fused_bytes_per_s'] / 1e9:.1f} GB/s"
@@ -171,19 +239,30 @@ def run(args: LossBenchConfig, argv: list[str] | None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.process_device(args.device, distributed.World())
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        raise ValueError("--clock thread measures one thread's CPU time: run it with --threads 1")
+    if args.baseline and device.type != "cpu":
+        raise ValueError("--baseline builds the CPU op only: use it with --device cpu")
+    only = set(args.only.split(",")) if args.only else None
+    unknown = sorted((only or set()) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"--only: unknown variant(s) {', '.join(unknown)}; choose among {', '.join(VARIANTS)}")
     dtype = getattr(torch, args.dtype)
     repeats, warmup = args.repeats or (5 if args.quick else 20), 2 if args.quick else 5
     backend = select_backend(device)
     if backend.name != "fused":
         print(f"note: {backend.reason}; timing the other variants only")
+    baseline = baseline_losses(args.baseline) if args.baseline else None
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rows = []
     for h, b, k in SHAPES:
-        rows.append(run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile))
+        rows.append(run_shape(h, b, k, device, dtype, repeats, warmup, not args.no_compile, baseline, only, clock))
         common.log(f"done H={h} B={b} K={k}")
     print_table(rows)
     meta = {**common.environment(device, "benchmarks.bench_loss", argv), "dtype": args.dtype,
             "threads": torch.get_num_threads(), "repeats": repeats, "fused_backend": backend.reason,
-            "temperature": TEMPERATURE, "alpha": ALPHA, "eps": EPS}
+            "temperature": TEMPERATURE, "alpha": ALPHA, "eps": EPS, "baseline": args.baseline,
+            "clock": args.clock}
     (args.out / "loss_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(rows, args.out / "loss_bench.png", f"DHM loss, {meta['device_name']}, {args.dtype}, {meta['threads']} threads")
     print(f"wrote {args.out / 'loss_bench.json'} and {args.out / 'loss_bench.png'}")
