@@ -191,7 +191,7 @@ DHM_INLINE void compute_row(const RowJob<acc_t>& job, const acc_t* const* src, c
   // Each step runs over all heads before the next one starts: a head's chain of dependent scalar
   // steps (max, sum, log) then overlaps with the other heads' vector work instead of stalling it
   // (a fifth of a row's time at K = 100 when done head by head).
-  acc_t m[kMaxHeads], log_sum_t[kMaxHeads], inv_sum_t[kMaxHeads];
+  acc_t m[kMaxHeads], sum_t[kMaxHeads], sum_1[kMaxHeads], log_sum_t[kMaxHeads], inv_sum_t[kMaxHeads];
   for (int h = 0; h < heads; ++h)
     m[h] = copy_max<acc_t>(src[h], zbuf + h * n, K, next == nullptr ? nullptr : next[h]);
   for (int h = 0; h < heads; ++h) {
@@ -215,19 +215,23 @@ DHM_INLINE void compute_row(const RowJob<acc_t>& job, const acc_t* const* src, c
         sum_1v += e1;
       }
     }
-    const acc_t sum_t = hsum<acc_t>(sum_tv);
-    const acc_t sum_1 = kTwoTemps ? hsum<acc_t>(sum_1v) : sum_t;
+    sum_t[h] = hsum<acc_t>(sum_tv);
+    sum_1[h] = kTwoTemps ? hsum<acc_t>(sum_1v) : sum_t[h];
     if (kTwoTemps) {
-      const acc_t inv_1 = acc_t(1) / sum_1;
+      const acc_t inv_1 = acc_t(1) / sum_1[h];
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) sh[k] *= inv_1;
     }
+  }
+  for (int h = 0; h < heads; ++h) {
+    const acc_t* zh = zbuf + h * n;
     const acc_t zy = zh[y];
-    const acc_t mean_shifted = c.smooth != acc_t(0) ? shifted_sum(zh, K, mh) / static_cast<acc_t>(K) : acc_t(0);
-    ce[h] = row_ce<acc_t>(sum_log(sum_1), mh - zy, mean_shifted, c.smooth);
-    correct[h] = zy == mh && !max_before(zh, y, mh) ? acc_t(1) : acc_t(0);
-    log_sum_t[h] = sum_log(sum_t);
-    inv_sum_t[h] = acc_t(1) / sum_t;
+    const acc_t mean_shifted =
+        c.smooth != acc_t(0) ? shifted_sum(zh, K, m[h]) / static_cast<acc_t>(K) : acc_t(0);
+    ce[h] = row_ce<acc_t>(sum_log(sum_1[h]), m[h] - zy, mean_shifted, c.smooth);
+    correct[h] = zy == m[h] && !max_before(zh, y, m[h]) ? acc_t(1) : acc_t(0);
+    log_sum_t[h] = kTwoTemps ? sum_log(sum_t[h]) : sum_log(sum_1[h]);
+    inv_sum_t[h] = acc_t(1) / sum_t[h];
   }
   for (int h = 0; h < heads; ++h) {
     const acc_t* zh = zbuf + h * n;
