@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-torch.set_num_threads(1)  # two processes share two cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dhm_fast import checkpoint  # noqa: E402
 from dhm_fast.cli import main  # noqa: E402
@@ -49,5 +47,6 @@ def arm(step: int, sig: signal.Signals, target: str) -> None:
 
 if __name__ == "__main__":
     assert sys.argv[4] == "--", sys.argv
+    torch.set_num_threads(1)  # two processes share two cores
     arm(int(sys.argv[1]), signal.Signals[sys.argv[2]], sys.argv[3])
     sys.exit(main(sys.argv[5:]))

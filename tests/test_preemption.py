@@ -51,6 +51,7 @@ def common(data: Path, samples: int = 128) -> list[str]:  # samples / 16 steps a
                     "--log-every-steps", "3", "--data-dir", str(data)]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_with_one_checkpoint_and_the_resumed_run_is_identical(data, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(common(data) + ["--out", str(whole)]) == 0
@@ -70,7 +71,6 @@ def test_sigterm_stops_after_the_step_with_one_checkpoint_and_the_resumed_run_is
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])
 def test_ctrl_c_and_slurms_warning_signal_stop_the_same_way(data, tmp_path, capsys, monkeypatch, sig):
-    sys.path.insert(0, str(ROOT / "tests"))
     import preempt_worker
 
     monkeypatch.setattr(preempt_worker.BranchSampler, "active", preempt_worker.BranchSampler.active)
