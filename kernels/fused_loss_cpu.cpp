@@ -443,16 +443,22 @@ Buffer<T> aligned_buffer(int64_t n) {
   return Buffer<T>(p);
 }
 
-// A task's scratch: each thread keeps one buffer of up to 256 KiB between calls (small calls then
-// pay no allocation and touch warm memory); a larger request gets its own buffer, in `own`.
+// A task's scratch: each thread keeps its buffer between calls, grown to the largest request up to
+// 4 MiB (a fresh buffer per call cost an allocation and, for large rows, page faults: 1.15x the old
+// time at K = 21843); a larger request gets its own buffer, in `own`.
 template <typename acc_t>
 acc_t* scratch(int64_t size, Buffer<acc_t>& own) {
-  constexpr int64_t kKept = (256 << 10) / sizeof(acc_t);
-  if (size > kKept) {
+  constexpr int64_t kKeptMax = (4 << 20) / sizeof(acc_t);
+  if (size > kKeptMax) {
     own = aligned_buffer<acc_t>(size);
     return own.get();
   }
-  thread_local Buffer<acc_t> kept = aligned_buffer<acc_t>(kKept);
+  thread_local Buffer<acc_t> kept;
+  thread_local int64_t kept_size = 0;
+  if (kept_size < size) {
+    kept = aligned_buffer<acc_t>(size);
+    kept_size = size;
+  }
   return kept.get();
 }
 
