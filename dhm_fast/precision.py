@@ -3,7 +3,8 @@
 `--amp auto` and an unset `--channels-last` resolve here once the device is known (explicit values are
 kept); `Speed.notes` says what was chosen and why, for the log's first lines. On the CPU bf16 needs
 native bf16 arithmetic (AMX or AVX512-BF16): on an AVX2-only CPU a ResNet-20 DHM step measured 10x
-slower in bf16 than in fp32. TF32 is off under --deterministic.
+slower in bf16 than in fp32. The CPU's layout follows the same detection (`cpu_channels_last`; the
+measurements are in docs/configuration.md). TF32 is off under --deterministic.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def cpu_channels_last() -> tuple[bool, str]:
+    """The CPU's default layout and why, keyed on `cpu_has_bf16`. Measured with benchmarks.bench_layout
+    (docs/configuration.md): on an AVX-512 CPU with AVX512-BF16, channels-last trained the demo's ResNet-20
+    and CIFAR's ResNet-32 1.14-1.29x as fast as NCHW, in fp32 and in bf16; on an AMX CPU 1.23-1.24x in bf16
+    (issue 24). CPUs without native bf16 (AVX2-only) were not measured and keep NCHW."""
+    if cpu_has_bf16():
+        return True, "measured faster in fp32 and bf16 on CPUs with native bf16"
+    return False, "the CPU default without native bf16 (not measured there)"
+
+
 def choose(amp: str, channels_last: bool | None, device: torch.device, deterministic: bool) -> Speed:
     """Resolve "auto" settings for `device`, and refuse combinations the device cannot run."""
     notes = []
@@ -54,9 +65,8 @@ def choose(amp: str, channels_last: bool | None, device: torch.device, determini
     if amp == "fp16" and not cuda:
         raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     if channels_last is None:
-        channels_last = cuda
-        notes.append(f"channels-last {'on' if cuda else 'off'} ("
-                     + ("tensor-core convolutions want NHWC" if cuda else "the CPU default") + ")")
+        channels_last, why = (True, "tensor-core convolutions want NHWC") if cuda else cpu_channels_last()
+        notes.append(f"channels-last {'on' if channels_last else 'off'} ({why})")
     tf32 = cuda and not deterministic
     if cuda:
         notes.append("TF32 matmuls/convolutions " + ("on" if tf32 else "off (--deterministic)"))
