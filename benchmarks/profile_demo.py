@@ -1,6 +1,7 @@
 """Where an epoch of a recipe's training goes: loader, forward, loss, backward, optimizer, metrics.
 
-    python -m benchmarks.profile_demo [--recipe fashion-mnist-resnet20] [--steps N] [--threads N] [--out bench_out]
+    python -m benchmarks.profile_demo [--recipe fashion-mnist-resnet20] [--data-dir DIR] [--steps N] [--threads N]
+        [--out bench_out]
 
 The trainer's own set-up (`dhm_fast.run.Run`: the recipe, the device's defaults, the real data and loader,
 model, optimizer, loss), then one epoch (or --steps steps) of the trainer's step with each phase timed by
@@ -34,6 +35,7 @@ WARMUP_STEPS = 10  # reported apart: allocator and oneDNN primitive caches fill 
 @dataclass
 class ProfileConfig:
     recipe: str = option(DEFAULT_RECIPE, "the recipe to profile (default: the demo's)")
+    data_dir: str | None = option(None, "dataset folder (default: the recipe's dataset where the trainer looks)")
     steps: int | None = option(None, "steps to time (default: one epoch)", ge=1)
     threads: int | None = option(None, "torch CPU threads (default: torch's)", ge=1)
     out: Path = option(Path("bench_out"))
@@ -58,7 +60,7 @@ def profile(cfg: ProfileConfig) -> dict:
     from dhm_fast.run import Run  # the trainer's set-up, imported when used
 
     with tempfile.TemporaryDirectory() as out:
-        run = Run(build_config(cfg.recipe, {"out": out, "device": "cpu"}))
+        run = Run(build_config(cfg.recipe, {"out": out, "device": "cpu", "data_dir": cfg.data_dir}))
         loader, parts, meter = run.train_loader, run.parts, run.meter
         steps = min(cfg.steps or len(loader), len(loader))
         warm, rest = PhaseClock(), PhaseClock()
