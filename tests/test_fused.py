@@ -316,8 +316,8 @@ def test_batch_of_one_and_two_classes(dtype, h):
 @pytest.mark.parametrize("k", [16, 48, 100, 511, 512, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_in_place_and_padded_row_paths(k, dtype):
-    # float32/64 rows with unit stride are read in place when K >= 512 or K % 16 == 0 and copied into
-    # padded buffers otherwise; both paths must agree with the reference.
+    # Every row is copied into buffers padded to whole vectors (16 float32 / 8 float64 lanes): K below,
+    # at and above a multiple of the vector, in place-read dtypes, must agree with the reference.
     gen = torch.Generator().manual_seed(k)
     logits = make_logits(gen, 3, 4, k, dtype, 3.0)
     target = torch.randint(0, k, (4,), generator=gen)
