@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from pipelines.workers import resolve_num_workers
 
 _torch_threads = torch.get_num_threads()  # importing FFCV sets torch's thread count to 1: undone below
 try:
+    import numba  # FFCV's
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import (
@@ -58,6 +60,7 @@ try:
         ResizedCropRGBImageDecoder,
     )
     from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.compiler import Compiler
     from ffcv.reader import Reader
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
     from ffcv.traversal_order.base import TraversalOrder
@@ -67,6 +70,20 @@ except ImportError as e:  # pragma: no cover - exercised only where FFCV is miss
     ) from None
 finally:
     torch.set_num_threads(_torch_threads)
+
+
+def _set_numba_threads(cls, n: int) -> None:
+    """FFCV's Compiler.set_num_threads without its torch.set_num_threads. FFCV calls it on every Loader()
+    and iter(loader) (and in its loader thread), each time setting the trainer's process-wide intra-op
+    thread count to its worker count, which every call site then had to undo (a bare iter() in a test
+    left the next run in the same process on 2 threads, not 1). Numba's count is what FFCV's decoding uses."""
+    if n < 1:
+        n = os.cpu_count() or 1
+    cls.num_threads = n
+    numba.set_num_threads(n)
+
+
+Compiler.set_num_threads = classmethod(_set_numba_threads)
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +218,11 @@ class FfcvLoader:
             image_ops.append(ToDevice(self.device, non_blocking=True))
             label_ops.append(ToDevice(self.device, non_blocking=True))
         image_ops.append(ToTorchImage(channels_last=True))  # a free NHWC -> NCHW view
-        threads = torch.get_num_threads()
         self._loader = Loader(
             str(beton), batch_size=self.batch_size, num_workers=max(1, resolve_num_workers(config.num_workers)),
             order=OrderOption.SEQUENTIAL, drop_last=self.drop_last, os_cache=True, indices=subset,
             pipelines={"image": image_ops, "label": label_ops}, batches_ahead=3,
         )
-        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count: undo
         self._order = _EpochOrder(self._loader, rank=config.rank, world_size=config.world_size,
                                   shuffle=train, seed=config.seed)
         self._loader.traversal_order = self._order
@@ -238,10 +253,8 @@ class FfcvLoader:
             self._order.skip = 0
             return
         stream = self._own_stream()
-        threads = torch.get_num_threads()
         with _on(stream):  # FFCV orders the refill of its buffers after this stream's work
             epoch_iter = iter(self._loader)
-        torch.set_num_threads(threads)
         self._order.skip = 0  # a resumed epoch starts mid-way once only
         non_blocking = self.device.type == "cuda"
         for images, labels in epoch_iter:

@@ -78,3 +78,21 @@ def test_held_batches_survive_a_busy_gpu(loaders):
     torch.cuda.synchronize()
     for (images, labels), (ref_images, ref_labels) in zip(held, reference, strict=True):
         assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+
+
+
+
+def test_ffcv_leaves_torchs_thread_count_alone(loaders):  # noqa: ARG001 - the fixture imports pipelines.ffcv
+    # FFCV's Compiler.set_num_threads, called by every Loader() and iter(loader), also set torch's
+    # process-wide thread count to FFCV's worker count: a bare iter() in a test left the next run in the
+    # same pytest process on 2 threads instead of 1 (its results then differed from a fresh process's in
+    # the last bits). pipelines/ffcv.py keeps it to numba's count.
+    from ffcv.pipeline.compiler import Compiler
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1  # numba allows 1 to the core count
+    try:
+        Compiler.set_num_threads(other)
+        assert torch.get_num_threads() == before and Compiler.num_threads == other
+    finally:
+        torch.set_num_threads(before)
