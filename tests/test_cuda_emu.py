@@ -134,6 +134,7 @@ def test_launch_path_per_device(emu, cpu_op, shape):
     for device, (rows, staged) in PATHS[shape].items():
         out = emulated(emu, case, device=device)
         kernel, grid, block, dynamic, static = emu.take_launches()[0]
+        assert "fused_rows_kernel" in kernel
         per_block = 4 if rows == "warp" else 1
         assert (block, grid) == ((128, -(-shape[1] // 4)) if rows == "warp" else (256, shape[1]))
         assert (dynamic > 0) == staged, f"{device} B opt-in: {dynamic} B dynamic shared memory"
