@@ -9,6 +9,7 @@ execute code is refused with a clear message.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import pickletools
@@ -70,6 +71,11 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, written atomically (write_atomic)."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 class _KeepsWriteErrors:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import sys
 from collections.abc import Mapping
@@ -186,7 +185,7 @@ def export_run(path: str | Path, out: str | Path) -> dict:
         "checked": f"outputs equal {call} loaded from both files, on a random batch of {tuple(x.shape)}",
     }
     with _writing(path):
-        checkpoint.write_atomic(out / "model.json", lambda f: f.write(json.dumps(card, indent=2).encode()))
+        checkpoint.write_json(out / "model.json", card)
     return card
 
 

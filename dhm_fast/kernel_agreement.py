@@ -103,20 +103,26 @@ def method_cases(shape: tuple[int, int, int], dtype: str = "float32") -> list[Ca
             for i, setting in enumerate(SETTINGS)]
 
 
+def random_logits(gen: torch.Generator, h: int, b: int, k: int, dtype: torch.dtype, scale: float,
+                  layout: str = "contiguous", device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Random [B, K] logits per head; non-contiguous layouts are views made after the dtype cast."""
+    out = []
+    for _ in range(h):
+        if layout == "transposed":  # column-major rows: stride (1, B)
+            x = (torch.randn(k, b, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device).t()
+        elif layout == "strided":  # every other column of a wider tensor
+            x = (torch.randn(b, 2 * k, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)[:, ::2]
+        else:
+            x = (torch.randn(b, k, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+        out.append(x)
+    return out
+
+
 def make_inputs(case: Case, device: str | torch.device = "cpu"):
     """(logits, target, ce_weights, kl_weights) of a case, the same on every device."""
     gen = torch.Generator().manual_seed(case.seed)
-    dtype = getattr(torch, case.dtype)
     h, b, k = case.heads, case.batch, case.classes
-    logits = []
-    for _ in range(h):
-        if case.layout == "transposed":  # column-major rows: stride (1, B)
-            x = (torch.randn(k, b, generator=gen, dtype=torch.float64) * case.scale).to(dtype).to(device).t()
-        elif case.layout == "strided":  # every other column of a wider tensor
-            x = (torch.randn(b, 2 * k, generator=gen, dtype=torch.float64) * case.scale).to(dtype).to(device)[:, ::2]
-        else:
-            x = (torch.randn(b, k, generator=gen, dtype=torch.float64) * case.scale).to(dtype).to(device)
-        logits.append(x)
+    logits = random_logits(gen, h, b, k, getattr(torch, case.dtype), case.scale, case.layout, device)
     target = torch.randint(0, k, (b,), generator=gen).to(device)
     ce_w, kl_w = mimic_weights(h, case.method, case.direction)
     return (logits, target, torch.tensor(ce_w, dtype=torch.float32, device=device),

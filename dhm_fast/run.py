@@ -16,7 +16,6 @@ and the last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import sys
 import time
@@ -285,7 +284,7 @@ class Run:
         if path is not None:
             self.resume(path)
         if self.world.is_main:
-            _write_json(self.out / "config.json", cfg.to_dict())
+            checkpoint.write_json(self.out / "config.json", cfg.to_dict())
             self.logbook = Logbook(self.out, f"{cfg.arch} / {cfg.method} / {cfg.dataset}", cfg.tensorboard,
                                    resume_step=self.progress.step)
             self.logbook.rewrite(self.progress.history)  # drops records written after the last checkpoint
@@ -455,7 +454,7 @@ class Run:
         }
         self.telemetry.stop()
         if self.world.is_main:
-            _write_json(self.out / "summary.json", summary)
+            checkpoint.write_json(self.out / "summary.json", summary)
             self.logbook.close()
         distributed.barrier()
         distributed.destroy()
@@ -464,10 +463,6 @@ class Run:
 
 def _on_cpu(state: dict) -> dict:
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
-
-def _write_json(path: Path, obj) -> None:
-    checkpoint.write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _meter_delta(now: dict, base: dict | None) -> TrainMeter:

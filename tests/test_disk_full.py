@@ -19,7 +19,6 @@ import torch
 from small_data import write_fashion_mnist
 from test_export import _checkpoint
 
-import dhm_fast.run
 from dhm_fast import checkpoint, logbook
 from dhm_fast.cli import main
 from dhm_fast.export import main as export_main
@@ -122,7 +121,7 @@ CASES = {
     "best.pt": (checkpoint, "save_atomic", nth(1, lambda obj, path: Path(path).name == "best.pt"), 2),
     "log.jsonl": (logbook.Logbook, "append", nth(1, lambda book, record: True), None),
     "curves.png": (logbook, "draw_curves", nth(1, lambda records, title: bool(records)), 2),
-    "summary.json": (dhm_fast.run, "_write_json", nth(1, lambda path, obj: path.name == "summary.json"), 4),
+    "summary.json": (checkpoint, "write_json", nth(1, lambda path, obj: path.name == "summary.json"), 4),
     "tensorboard": (logbook, "scalars", nth(3, lambda record: True), 2),  # after log.jsonl's line
 }
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import kernels
 from dhm_fast import losses
+from dhm_fast.kernel_agreement import random_logits
 
 needs_ext = pytest.mark.skipif(not kernels.has_kernel("fused_loss", "cpu"), reason="kernels._C is not built")
 needs_cuda = pytest.mark.skipif(
@@ -104,19 +105,7 @@ def call_fused(logits, target, ce_w, kl_w, temperature, alpha, eps, smoothing):
     return loss, stats, grads
 
 
-def make_logits(gen, h, b, k, dtype, scale, layout="contiguous", device="cpu"):
-    """Random [B, K] logits per head; non-contiguous layouts are views made after the dtype cast."""
-    out = []
-    for _ in range(h):
-        if layout == "transposed":  # column-major rows: stride (1, B)
-            x = (torch.randn(k, b, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device).t()
-        elif layout == "strided":  # every other column of a wider tensor
-            x = (torch.randn(b, 2 * k, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
-            x = x[:, ::2]
-        else:
-            x = (torch.randn(b, k, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
-        out.append(x)
-    return out
+make_logits = random_logits  # the same inputs as the CUDA kernels' agreement matrix
 
 
 def random_weights(gen, h, sparse=True):

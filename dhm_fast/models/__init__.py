@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..catalog import ARCH_CHOICES  # MODEL_NAMES, and for `in` also every tv:NAME / timm:NAME
+from ..catalog import ARCH_CHOICES, MODEL_NAMES  # ARCH_CHOICES: for `in` also every tv:NAME / timm:NAME
 from . import backbones, cifar_resnet, densenet, imagenet_resnet, reid_nets, wrn
 from .branching import HEAD_NAMES, METHODS, Branch, BranchedNet, check_method, is_branch_key
 
@@ -38,7 +38,6 @@ for _module in (imagenet_resnet, cifar_resnet, wrn, densenet, reid_nets):
     for _name in _module.SPECS:
         _BUILDERS[_name] = _module.build
 
-MODEL_NAMES: tuple[str, ...] = tuple(sorted(_BUILDERS))  # = catalog.MODEL_NAMES
 IMAGENET_ARCHS: tuple[str, ...] = tuple(sorted(imagenet_resnet.SPECS))
 
 _BUILD_ARGS = ("arch", "num_classes", "in_channels", "with_branches")

@@ -541,7 +541,6 @@ inline Fiber& self() {
 }
 
 inline void block_until_released(Op op, Site site, unsigned mask) {
-  State& s = state();
   Fiber& f = self();
   f.waiting = op;
   f.site = site;
@@ -553,7 +552,6 @@ inline void block_until_released(Op op, Site site, unsigned mask) {
                                         std::to_string(lane) + " is not in its mask");
     if (try_release_group(f)) return;  // the last lane to arrive goes on
   }
-  (void)s;
   yield_to_scheduler();
 }
 
