@@ -3,9 +3,10 @@ in-memory loader's crop + normalise), loaded only by kernels/__init__.py.
 
 Metadata lives in pyproject.toml; this file only adds the extension. It builds three ways:
 - with nvcc: CPU and CUDA kernels (CUDA_HOME defaults to /usr/local/cuda). The GPU targets are
-  TORCH_CUDA_ARCH_LIST when set, else the visible GPUs, else every architecture this nvcc supports
-  from sm_75 up plus PTX of the newest (kernels/cuda_targets.py); the list is compiled into the
-  library (kernels.built_cuda_targets()) and printed;
+  TORCH_CUDA_ARCH_LIST when set, else the visible GPUs, else one cubin per major architecture this
+  nvcc supports from sm_75 up (it runs on the later minors) plus PTX of the newest
+  (kernels/cuda_targets.py); the list is compiled into the library (kernels.built_cuda_targets())
+  and printed;
 - without nvcc, or with DHM_FAST_NO_CUDA=1: the CPU kernel alone;
 - without a working compiler: no extension; the package still installs and falls back to the
   plain-PyTorch loss, saying so once.
@@ -83,7 +84,7 @@ def _cuda_targets_module():
 
 def cuda_gencode_flags(cuda_home: str) -> list[str]:
     """nvcc -gencode flags: TORCH_CUDA_ARCH_LIST, else the visible GPUs (both as torch builds its own
-    extensions), else every architecture of this nvcc from sm_75 up, plus PTX of the newest."""
+    extensions), else one cubin per major architecture of this nvcc from sm_75 up, plus PTX of the newest."""
     import torch
     from torch.utils import cpp_extension
 

@@ -4,8 +4,12 @@ A target is a cubin, "sm_XY" (machine code for one architecture), or PTX, "compu
 ISA, compiled by the driver for any GPU at least as new). The build plan is, in order of precedence:
 1. TORCH_CUDA_ARCH_LIST when set (torch's own syntax and flags);
 2. the visible GPUs when there are any (torch's default: their architectures, PTX of the newest);
-3. otherwise every architecture this nvcc supports from MIN_ARCH up, plus PTX of the newest, so that
-   a GPU newer than the toolkit still runs the op (JIT-compiled from the PTX).
+3. otherwise one cubin per major architecture this nvcc supports from MIN_ARCH up (its oldest minor:
+   sm_75, sm_80, sm_90, sm_100, sm_110, sm_120 for CUDA 13.0), plus PTX of the newest, so that a GPU
+   newer than the toolkit still runs the op (JIT-compiled from the PTX). A cubin runs on every later
+   minor of its major (sm_80 on 8.6, 8.7, 8.9; sm_120 on 12.1), so this covers every GPU that a cubin
+   per architecture would, at half the nvcc time on a GPU-less machine (docs/benchmarks.md); the
+   kernels use nothing a later minor adds. TORCH_CUDA_ARCH_LIST still builds any list.
 The list is compiled into the library, so that `kernels.has_kernel` can tell before the first launch
 whether a device can run the op, and CI can compare it with what cuobjdump finds in the binary.
 
@@ -29,11 +33,15 @@ def nvcc_architectures(nvcc: str) -> list[int]:
 
 
 def default_gencode_flags(nvcc_archs: Iterable[int], min_arch: int = MIN_ARCH) -> list[str]:
-    """-gencode flags for every architecture >= min_arch, plus PTX of the newest."""
+    """-gencode flags for the oldest architecture >= min_arch of each major (its cubin runs on the later
+    minors), plus PTX of the newest."""
     archs = sorted(a for a in set(nvcc_archs) if a >= min_arch)
     if not archs:
         raise ValueError(f"this nvcc supports no architecture from sm_{min_arch} up")
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    oldest_of_major: dict[int, int] = {}
+    for arch in archs:
+        oldest_of_major.setdefault(arch // 10, arch)
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in oldest_of_major.values()]
     flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     return flags
 

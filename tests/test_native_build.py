@@ -39,18 +39,19 @@ def fake_cuda_home(tmp_path: Path, archs: list[int]) -> Path:
 
 
 # ---------------------------------------------------------------------------- the plan (CPU)
-def test_without_a_gpu_every_nvcc_architecture_from_sm75_is_built_plus_ptx_of_the_newest(tmp_path, monkeypatch):
+def test_without_a_gpu_one_cubin_per_major_from_sm75_is_built_plus_ptx_of_the_newest(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     home = fake_cuda_home(tmp_path, [70, *NVCC_13_ARCHS])
     flags = load_setup().cuda_gencode_flags(str(home))
     assert cuda_targets.nvcc_architectures(str(home / "bin" / "nvcc")) == sorted([70, *NVCC_13_ARCHS])
     targets = cuda_targets.targets_of(flags)
-    assert set(targets) == {f"sm_{a}" for a in NVCC_13_ARCHS} | {"compute_121"}
-    assert "sm_70" not in targets  # older than sm_75: no longer a target of CUDA 13
-    # B200 (10.0), GB300 (10.3), RTX 50xx (12.0), T4 (7.5), and a GPU newer than the toolkit (PTX JIT)
-    for capability in [(10, 0), (10, 3), (12, 0), (7, 5), (8, 6), (9, 0), (13, 0)]:
-        assert cuda_targets.runs_on(targets, capability), capability
+    assert targets == ["sm_75", "sm_80", "sm_90", "sm_100", "sm_110", "sm_120", "compute_121"]
+    # Every GPU a cubin per architecture would run on (each architecture nvcc names), and a GPU newer
+    # than the toolkit (PTX JIT); nothing older than sm_75, no longer a target of CUDA 13.
+    for arch in [*NVCC_13_ARCHS, 130]:
+        assert cuda_targets.runs_on(targets, divmod(arch, 10)), arch
+    assert not cuda_targets.runs_on(targets, (7, 0))
 
 
 def test_torch_cuda_arch_list_overrides_the_plan(tmp_path, monkeypatch):
