@@ -24,6 +24,7 @@ from dhm_fast.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # environment variables that cap the CPU code
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -107,6 +108,10 @@ def environment(device: torch.device | str = "cpu", module: str | None = None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "git_commit": git_commit(),
+        # Which vector code ran: torch's own kernels (ATEN_CPU_CAPABILITY caps it) and oneDNN's
+        # (ONEDNN_MAX_CPU_ISA caps it): a capped run stands in for an older CPU (docs/configuration.md).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
     }
     if module is not None:
         env["command"] = command_line(module, argv)

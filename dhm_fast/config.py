@@ -149,8 +149,8 @@ class TrainConfig:
     amp: str = setting("auto", "autocast: bf16 (CPU or GPU), fp16 (GPU, with a GradScaler), none, or auto: bf16 "
                        "on GPUs that support it (else fp16), on the CPU bf16 only with native bf16 (see "
                        "dhm_fast/precision.py)", 4, choices=AMP_CHOICES)
-    channels_last: bool | None = setting(None, "channels-last memory format (default: on for CUDA and for CPUs "
-                                         "with native bf16, where it measured faster; off on other CPUs)", 4)
+    channels_last: bool | None = setting(None, "channels-last memory format (default: on for CUDA and for x86 "
+                                         "CPUs from AVX2 up, where it measured faster; off on other CPUs)", 4)
     compile: bool = setting(False, "torch.compile the model", 4)
     deterministic: bool = setting(False, "deterministic algorithms (bitwise-reproducible runs and resumes; on "
                                   "CUDA it sets CUBLAS_WORKSPACE_CONFIG=:4096:8 unless that is :16:8)", 4)

@@ -210,6 +210,16 @@ def test_round_robin_interleaves_and_times_each_call():
     assert times == {"a": [1.0] * 3, "b": [1.0] * 3}  # one tick between a call's two clock reads
 
 
+def test_environment_records_the_vector_code_and_its_caps(monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    env = common.environment("cpu")
+    assert env["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # a capped run says so in its figures
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert common.environment("cpu")["isa_limits"] == {}
+
+
 def test_recorded_command_is_portable():
     inside = str(common.ROOT / "runs" / "x")
     assert common.command_line("benchmarks.x", ["--out", inside, "--n", "a b"]) == \

@@ -83,13 +83,27 @@ def test_cuda_defaults_are_amp_channels_last_and_tf32(monkeypatch, bf16, determi
     assert any(note.startswith(f"--amp auto -> {expected[0]}") for note in speed.notes)
 
 
-@pytest.mark.parametrize("native_bf16, amp, channels_last", [(True, "bf16", True), (False, "none", False)])
-def test_cpu_defaults_follow_what_the_cpu_computes_natively(monkeypatch, native_bf16, amp, channels_last):
-    # channels-last measured faster on CPUs with native bf16 (docs/configuration.md); NCHW elsewhere
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native_bf16)
+@pytest.mark.parametrize("flags, amp, channels_last", [
+    ("avx2 avx512f avx512_bf16", "bf16", True),  # native bf16 (Zen 4/5, Cooper Lake)
+    ("avx2 avx512f amx_bf16 amx_tile", "bf16", True),  # AMX (Sapphire Rapids)
+    ("avx2 avx512f", "none", True),  # AVX-512 without bf16 (Skylake-X): fp32, channels-last
+    ("sse4_2 avx2 fma", "none", True),  # AVX2 only
+    ("sse4_2 avx", "none", False),  # below AVX2: not measured, NCHW
+    ("", "none", False),  # no flags known (not Linux, or not x86)
+])
+def test_cpu_defaults_follow_what_the_cpu_computes_natively(monkeypatch, flags, amp, channels_last):
+    # bf16 only where native; channels-last measured faster from AVX2 up (docs/configuration.md)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags.split()))
     speed = precision.choose("auto", None, torch.device("cpu"), False)
     assert (speed.amp, speed.channels_last, speed.tf32) == (amp, channels_last, False)
     assert any(note.startswith(f"channels-last {'on' if channels_last else 'off'}") for note in speed.notes)
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo")
+    line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    assert precision.cpu_flags() == frozenset(line.split()) and "fpu" in precision.cpu_flags()
 
 
 def test_explicit_settings_are_kept_and_fp16_on_the_cpu_is_refused():
