@@ -100,10 +100,12 @@ def test_cpu_defaults_follow_what_the_cpu_computes_natively(monkeypatch, flags, 
 
 
 def test_cpu_flags_are_read_from_proc_cpuinfo():
-    if not Path("/proc/cpuinfo").is_file():
-        pytest.skip("no /proc/cpuinfo")
-    line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-    assert precision.cpu_flags() == frozenset(line.split()) and "fpu" in precision.cpu_flags()
+    cpuinfo = Path("/proc/cpuinfo")
+    line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), None) \
+        if cpuinfo.is_file() else None
+    if line is None:
+        pytest.skip("no x86 flags line in /proc/cpuinfo")
+    assert precision.cpu_flags() == frozenset(line.split()) and len(precision.cpu_flags()) > 2
 
 
 def test_explicit_settings_are_kept_and_fp16_on_the_cpu_is_refused():
