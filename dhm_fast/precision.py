@@ -35,7 +35,8 @@ def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux: /proc/cpuinfo; elsewhere none are known)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return frozenset(next((line.split() for line in f if line.startswith("flags")), ()))
+            # "flags\t\t: fpu vme ...": the names after the colon
+            return frozenset(next((line.partition(":")[2].split() for line in f if line.startswith("flags")), ()))
     except OSError:
         return frozenset()
 
